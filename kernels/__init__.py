@@ -1,0 +1,12 @@
+"""Triton kernels, each beside a plain-torch reference of the same function (importable as workbench.kernels).
+
+Convention: `<name>_triton(...)` is the kernel launcher, `<name>_reference(...)` the torch reference, and
+`<name>(...)` dispatches: the kernel for CUDA tensors when Triton is there, the reference otherwise.
+Tests run every kernel against its reference under TRITON_INTERPRET=1 on CPU (see tests/conftest.py).
+"""
+
+from workbench.kernels.dispatch import HAS_TRITON, use_triton
+from workbench.kernels.softmax_entropy import (softmax_entropy, softmax_entropy_reference,
+                                               softmax_entropy_triton)
+
+__all__ = ["HAS_TRITON", "use_triton", "softmax_entropy", "softmax_entropy_reference", "softmax_entropy_triton"]

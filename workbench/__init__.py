@@ -1,0 +1,22 @@
+"""workbench: a Jupyter-first research workbench for efficient LLM inference.
+
+    import workbench as wb
+    model = wb.load()                                  # embedded SmolLM2-135M-Instruct, offline
+    run = wb.generate(model, "The capital of France is", record=["entropy", "cache"])
+    run.text, run.tokens_per_s, run.trace              # trace: an xarray.Dataset
+"""
+
+__version__ = "0.1.0"
+
+from workbench import attention, cache, decode, routers  # noqa: E402  (component registries)
+from workbench.errors import (ModelLoadError, ParameterError, PromptError, UnknownComponentError,  # noqa: E402
+                              WorkbenchError)
+from workbench.models import Model, load, tiny, wrap  # noqa: E402
+from workbench.run import Run, StepEvent, generate  # noqa: E402
+from workbench.trace import RECORDABLE, load_trace  # noqa: E402
+
+FAMILIES = {"attention": attention, "cache": cache, "decoder": decode, "router": routers}
+
+__all__ = ["attention", "cache", "decode", "routers", "FAMILIES", "Model", "load", "tiny", "wrap", "generate",
+           "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError", "UnknownComponentError",
+           "ParameterError", "PromptError", "ModelLoadError", "__version__"]

@@ -1,0 +1,49 @@
+"""What an attention variant sees and returns.
+
+transformers calls one attention function per layer with the query, the whole cached key/value and a mask.
+workbench hands that call to the active variant as an `AttentionCall`; the variant returns an
+`AttentionResult`: the output, plus the statistics the recorder asked for (per-query entropy, attention rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workbench.registry import Component
+
+STATISTICS = ("entropy", "probs")
+
+
+@dataclass
+class AttentionCall:
+    layer: int
+    query: torch.Tensor  # (batch, heads, q_len, head_dim), RoPE applied
+    key: torch.Tensor  # (batch, kv_heads, k_len, head_dim): everything the cache holds for this layer
+    value: torch.Tensor  # (batch, kv_heads, k_len, head_dim)
+    mask: torch.Tensor | None  # bool (batch, 1, q_len, k_len), True = may attend; None = plain causal
+    scaling: float
+    module: Any  # the transformers attention module (has layer_idx, num_key_value_groups, ...)
+    kwargs: dict = field(default_factory=dict)  # the rest of what transformers passed (dropout, softcap, ...)
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.query.shape[1] // self.key.shape[1]
+
+
+@dataclass
+class AttentionResult:
+    output: torch.Tensor  # (batch, q_len, heads, head_dim): the layout transformers expects back
+    entropy: torch.Tensor | None = None  # (batch, heads, q_len) float32, Shannon entropy (nats) of each row
+    probs: torch.Tensor | None = None  # (batch, heads, q_len, k_len) float32 attention rows
+
+
+class AttentionVariant(Component):
+    """Base of attention variants: `attend` computes the layer's attention output and, when asked
+    (`want` is a subset of {"entropy", "probs"}), the statistics of the attention it actually used."""
+
+    def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
+        raise NotImplementedError

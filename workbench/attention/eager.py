@@ -1,0 +1,37 @@
+"""`eager`: the model's own eager attention (materializes the weights), the exact HF eager computation."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from workbench.attention import reference
+from workbench.attention.base import AttentionCall, AttentionResult, AttentionVariant
+
+
+@dataclass
+class Eager(AttentionVariant):
+    name = "eager"
+    summary = "Dense attention that materializes the full weight matrix (the model's own eager code)."
+    paper = "Attention Is All You Need (Vaswani et al., NeurIPS 2017) - dense reference"
+
+    def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
+        eager = getattr(sys.modules.get(type(call.module).__module__), "eager_attention_forward", None)
+        if eager is None:  # a model without a module-level eager function: same math in plain torch
+            output, entropy, probs = reference.dense_attention(call, want)
+            return AttentionResult(output, entropy, probs)
+        output, weights = eager(call.module, call.query, call.key, call.value, _additive(call),
+                                scaling=call.scaling, **call.kwargs)
+        weights = weights.float()
+        return AttentionResult(output,
+                               reference.row_entropy(weights) if "entropy" in want else None,
+                               weights if "probs" in want else None)
+
+
+def _additive(call: AttentionCall) -> torch.Tensor:
+    """HF eager code adds a float mask to the scores: 0 where allowed, the dtype's minimum elsewhere."""
+    allowed = reference.allowed(call)
+    blocked = torch.finfo(call.query.dtype).min
+    return torch.zeros(allowed.shape, dtype=call.query.dtype, device=call.query.device).masked_fill(~allowed, blocked)

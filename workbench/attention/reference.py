@@ -1,0 +1,67 @@
+"""Dense attention in plain torch: the ground truth every variant is tested against, and the way paths that
+do not expose their weights (SDPA) report statistics. Rows are processed in chunks so memory stays
+O(chunk x keys) rather than O(queries x keys)."""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.attention.base import AttentionCall
+
+ROW_CHUNK = 256
+
+
+def causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """Bool (q_len, k_len): query i (the (k_len - q_len + i)-th token) may attend to keys up to itself."""
+    offset = k_len - q_len
+    rows = torch.arange(q_len, device=device)[:, None] + offset
+    return torch.arange(k_len, device=device)[None, :] <= rows
+
+
+def allowed(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor:
+    """Bool mask broadcastable to (batch, heads, q_rows, k_len) for the given query rows."""
+    q_len, k_len = call.query.shape[2], call.key.shape[2]
+    if call.mask is not None:
+        return call.mask[:, :, rows, :]
+    return causal_mask(q_len, k_len, call.query.device)[rows][None, None]
+
+
+def scores(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor:
+    """Float32 scaled scores (batch, heads, q_rows, k_len), -inf where the mask forbids attending."""
+    query = call.query[:, :, rows].float()
+    key = call.key.float().repeat_interleave(call.groups, dim=1)
+    s = torch.matmul(query, key.transpose(-1, -2)) * call.scaling
+    softcap = call.kwargs.get("softcap")
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    return s.masked_fill(~allowed(call, rows), float("-inf"))
+
+
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dim; 0 log 0 counts as 0."""
+    return torch.special.entr(probs).sum(-1)
+
+
+def dense_attention(call: AttentionCall, want: frozenset[str] = frozenset(), with_output: bool = True):
+    """Dense attention under the call's mask: (output, entropy, probs).
+
+    output is (batch, q_len, heads, head_dim) in the query dtype, or None when `with_output` is False (the
+    caller has its own output and only needs the statistics); entropy and probs are computed when in `want`."""
+    q_len = call.query.shape[2]
+    value = call.value.float().repeat_interleave(call.groups, dim=1) if with_output else None
+    outputs, entropies, rows_kept = [], [], []
+    for start in range(0, q_len, ROW_CHUNK):
+        rows = slice(start, min(start + ROW_CHUNK, q_len))
+        probs = torch.softmax(scores(call, rows), dim=-1)
+        if with_output:
+            outputs.append(torch.matmul(probs, value))
+        if "entropy" in want:
+            entropies.append(row_entropy(probs))
+        if "probs" in want:
+            rows_kept.append(probs)
+    output = _cat(outputs).transpose(1, 2).to(call.query.dtype) if with_output else None
+    return output, _cat(entropies), _cat(rows_kept)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.cat(parts, dim=2) if parts else None

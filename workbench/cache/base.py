@@ -1,0 +1,51 @@
+"""Cache policies and the cache object they build.
+
+A `CachePolicy` is the registered component (with its parameters, e.g. a budget); for every run it builds a
+fresh `KVCache`, a real transformers `Cache` that `model.generate` accepts as `past_key_values` too. The
+cache reports the bytes its tensors hold and which positions each layer and KV head keeps, which is what the
+trace records.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from workbench.registry import Component
+
+
+class KVCache(DynamicCache):
+    """A DynamicCache that can say what it holds. Policies that evict override `update` and the accounting."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        text = config.get_text_config(decoder=True)
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached key and value tensors (what the memory really costs)."""
+        total = 0
+        for layer in self.layers:
+            for tensor in (layer.keys, layer.values):
+                if tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def tokens_held(self) -> torch.Tensor:
+        """Int tensor (layers, kv_heads): how many tokens each layer and KV head keeps."""
+        held = torch.tensor([layer.get_seq_length() for layer in self.layers], dtype=torch.long)
+        return held[:, None].expand(-1, self.num_kv_heads)
+
+    def positions(self, layer_idx: int) -> torch.Tensor:
+        """Long tensor (kv_heads, n): the absolute positions of the tokens a layer keeps, per KV head."""
+        layer = self.layers[layer_idx]
+        held = layer.get_seq_length()
+        seen = getattr(layer, "cumulative_length", held)  # sliding-window layers count what they have seen
+        return torch.arange(seen - held, seen).expand(self.num_kv_heads, held)
+
+
+class CachePolicy(Component):
+    """Base of cache policies: `build(model)` returns a fresh cache for one run."""
+
+    def build(self, model) -> KVCache:
+        raise NotImplementedError

@@ -1,0 +1,145 @@
+"""The `workbench` command: `workbench run ...` generates on the embedded model (or any model) with chosen
+components; `workbench list` shows every registered component. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+FAMILY_FLAGS = ("attention", "cache", "decoder", "router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="generate text with chosen components and summarize what happened")
+    run.add_argument("--prompt", required=True, help="the prompt (sent as a chat message when the model has a "
+                                                     "chat template, unless --raw)")
+    run.add_argument("--model", default=None, help="model to load: default the embedded SmolLM2-135M-Instruct; "
+                                                   "a Hugging Face id, a local path, or tiny:<family>")
+    run.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
+    run.add_argument("--attention", default="sdpa", help="attention variant (see `workbench list`)")
+    run.add_argument("--cache", default="full", help="KV cache policy")
+    run.add_argument("--budget", default=None, help="the cache policy's token budget (its 'budget' parameter)")
+    run.add_argument("--decoder", default="greedy", help="decoder")
+    run.add_argument("--router", default="native", help="router")
+    run.add_argument("--set", action="append", default=[], metavar="FAMILY.PARAM=VALUE",
+                     help="set a component parameter, e.g. --set decoder.temperature=0.7 (repeatable)")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--record", default="entropy,cache",
+                     help="comma-separated records to keep in the trace (entropy, attention, logits, cache)")
+    run.add_argument("--trace", default=None, metavar="PATH", help="save the trace as netCDF")
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary instead of text")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default by device)")
+
+    listing = commands.add_parser("list", help="list registered components with a one-line description")
+    listing.add_argument("family", nargs="?", choices=FAMILY_FLAGS, help="only this family")
+    listing.add_argument("-v", "--verbose", action="store_true", help="parameters and papers too")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from workbench.errors import WorkbenchError
+
+    try:
+        return run_command(args) if args.command == "run" else list_command(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except WorkbenchError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # one line, no traceback, for anything else too (use --debug to see it)
+        if args.debug:
+            raise
+        print(f"error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+def list_command(args) -> int:
+    import workbench as wb
+
+    for family, module in wb.FAMILIES.items():
+        if args.family and args.family != family:
+            continue
+        print(f"{family}:")
+        for name in module.available():
+            if args.verbose:
+                print("  " + module.describe(name).replace("\n", "\n  "))
+            else:
+                print(f"  {name:<16} {module.registry.component_class(name).summary}")
+    return 0
+
+
+def component_params(args) -> dict[str, dict[str, str]]:
+    """Parameters per family from --set family.param=value and --budget."""
+    from workbench.errors import ParameterError
+
+    params: dict[str, dict[str, str]] = {family: {} for family in FAMILY_FLAGS}
+    if args.budget is not None:
+        params["cache"]["budget"] = args.budget
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        family, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ParameterError(f"--set takes FAMILY.PARAM=VALUE, got {item!r}")
+        if family not in params:
+            raise ParameterError(f"--set {item!r}: unknown family {family!r}; families: {', '.join(FAMILY_FLAGS)}")
+        params[family][name] = value
+    return params
+
+
+def run_command(args) -> int:
+    import workbench as wb
+    from workbench.run.result import entropy_summary_line
+
+    params = component_params(args)
+    components = {family: wb.FAMILIES[family].get(getattr(args, family), **params[family])
+                  for family in FAMILY_FLAGS}  # checked before the model loads: bad input fails fast
+    record = [r.strip() for r in args.record.split(",") if r.strip()]
+    model = _load(args)
+    prompt = args.prompt
+    if not args.raw and getattr(model.tokenizer, "chat_template", None):
+        prompt = [{"role": "user", "content": args.prompt}]
+
+    def show(event):
+        print(event.text, end="", flush=True)
+
+    run = wb.generate(model, prompt, attention=components["attention"], cache=components["cache"],
+                      decoder=components["decoder"], router=components["router"], record=record,
+                      max_new_tokens=args.max_new_tokens, stream=None if args.json else show)
+    if args.trace:
+        run.save(args.trace)
+    if args.json:
+        summary = run.summary()
+        summary["trace"] = args.trace
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    print()
+    print(f"\n{len(run.token_ids)} tokens ({run.finish_reason}) at {run.tokens_per_s:.1f} tokens/s "
+          f"(prefill {run.prefill_seconds * 1000:.0f} ms for {len(run.prompt_ids)} prompt tokens, "
+          f"decode {run.decode_tokens_per_s:.1f} tokens/s)")
+    print(f"cache: peak {run.peak_cache_bytes / 2**20:.2f} MiB ({components['cache']})")
+    print(entropy_summary_line(run))
+    if args.trace:
+        print(f"trace saved to {args.trace}")
+    return 0
+
+
+def _load(args):
+    import workbench as wb
+
+    if args.model and args.model.startswith("tiny:"):
+        return wb.tiny(args.model.split(":", 1)[1], device=args.device or "cpu", dtype=args.dtype or "float32")
+    return wb.load(args.model, device=args.device, dtype=args.dtype)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

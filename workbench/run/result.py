@@ -1,0 +1,97 @@
+"""`Run`: what one generation produced, and `StepEvent`: what the stream callback receives each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from workbench.trace import save_trace
+
+
+@dataclass
+class StepEvent:
+    """One generated token, handed to `generate(..., stream=callback)` as soon as it is chosen."""
+
+    step: int
+    token_id: int
+    token: str  # the token on its own
+    text: str  # the text this token added to the output ("" when it only completes a character later)
+    records: dict[str, Any]  # this step's recorded values (entropy, attention_entropy (layer, head), ...)
+    finished: bool  # True on the last step
+
+
+@dataclass
+class Run:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    prefill_seconds: float
+    decode_seconds: list[float]  # one per token after the first
+    peak_cache_bytes: int
+    finish_reason: str  # "eos", "length" or "empty" (max_new_tokens=0)
+    trace: xr.Dataset
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + sum(self.decode_seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of generation, prefill included (what `model.generate` users see)."""
+        return len(self.token_ids) / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decoding steps alone (the first token comes from the prefill)."""
+        seconds = sum(self.decode_seconds)
+        return len(self.decode_seconds) / seconds if seconds > 0 else 0.0
+
+    @property
+    def tokens(self) -> list[str]:
+        return [str(t) for t in self.trace["token"].values]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the trace (with the run's configuration in its attributes) to a netCDF file."""
+        return save_trace(self.trace, path)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary: text, speed, memory, and entropy statistics where recorded."""
+        out: dict[str, Any] = {
+            "text": self.text,
+            "new_tokens": len(self.token_ids),
+            "prompt_tokens": len(self.prompt_ids),
+            "finish_reason": self.finish_reason,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "peak_cache_bytes": self.peak_cache_bytes,
+            "config": self.config,
+        }
+        if "entropy" in self.trace and self.trace.sizes["step"]:
+            entropy = self.trace["entropy"].values
+            attention = self.trace["attention_entropy"].mean(("step", "head")).values
+            out["entropy"] = {"mean": float(entropy.mean()), "max": float(entropy.max()),
+                              "argmax_step": int(entropy.argmax()),
+                              "attention_mean_by_layer": [round(float(v), 4) for v in attention]}
+        return out
+
+    def __repr__(self) -> str:
+        shown = self.text if len(self.text) < 60 else self.text[:57] + "..."
+        return (f"Run({len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, "
+                f"finish={self.finish_reason!r}, text={shown!r})")
+
+
+def entropy_summary_line(run: Run) -> str:
+    if "entropy" not in run.trace or not run.trace.sizes["step"]:
+        return "entropy: not recorded (record=['entropy'])"
+    entropy = run.trace["entropy"].values
+    layer_means = run.trace["attention_entropy"].mean(("step", "head")).values
+    return (f"next-token entropy: mean {entropy.mean():.3f} nats, max {entropy.max():.3f} at step "
+            f"{int(np.argmax(entropy))} ({run.tokens[int(np.argmax(entropy))]!r}); attention entropy by layer: "
+            f"lowest layer {int(layer_means.argmin())} ({layer_means.min():.2f}), "
+            f"highest layer {int(layer_means.argmax())} ({layer_means.max():.2f})")

@@ -1,0 +1,147 @@
+"""The recorder: what components write to during a run, keeping only what `record=` asked for.
+
+It is the attention observer of the run (see workbench.attention.bridge) and receives the logits and the cache
+after every forward pass. With nothing recorded it asks attention for nothing, so the run computes nothing extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from workbench.errors import ParameterError
+from workbench.kernels import softmax_entropy
+
+RECORDABLE = {
+    "entropy": "next-token entropy per step; attention entropy per step, layer and head (and for the prompt rows)",
+    "attention": "attention rows over positions per step for chosen layers and heads, and the prompt's matrix",
+    "logits": "the full next-token logits at every step",
+    "cache": "bytes the KV cache holds, and tokens held per layer and KV head, at every step",
+}
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """What a run records. `attention_layers` / `attention_heads` choose rows for "attention" (None: all)."""
+
+    names: frozenset[str] = frozenset()
+    attention_layers: tuple[int, ...] | None = None
+    attention_heads: tuple[int, ...] | None = None
+
+    @classmethod
+    def parse(cls, record: None | str | Iterable[str] | Mapping[str, Any]) -> RecordSpec:
+        """Accepts None, "entropy", ["entropy", "cache"], or {"entropy": True, "attention": {"layers": [0, 5],
+        "heads": [1]}}."""
+        if isinstance(record, RecordSpec):
+            return record
+        if record is None:
+            return cls()
+        if isinstance(record, str):
+            record = [record]
+        options: dict[str, Any] = {}
+        if isinstance(record, Mapping):
+            options = {k: v for k, v in record.items() if v}
+            names = list(options)
+        else:
+            names = list(record)
+        unknown = [n for n in names if n not in RECORDABLE]
+        if unknown:
+            raise ParameterError(f"cannot record {', '.join(map(repr, unknown))}; recordable: "
+                                 f"{', '.join(RECORDABLE)}")
+        attention = options.get("attention")
+        layers = heads = None
+        if isinstance(attention, Mapping):
+            extra = set(attention) - {"layers", "heads"}
+            if extra:
+                raise ParameterError(f"record 'attention' takes 'layers' and 'heads'; got {sorted(extra)}")
+            layers = _indices(attention.get("layers"))
+            heads = _indices(attention.get("heads"))
+        return cls(frozenset(names), layers, heads)
+
+    def check(self, num_layers: int, num_heads: int) -> None:
+        for label, chosen, size in (("layers", self.attention_layers, num_layers),
+                                    ("heads", self.attention_heads, num_heads)):
+            bad = [i for i in chosen or () if not 0 <= i < size]
+            if bad:
+                raise ParameterError(f"record attention {label} {bad} out of range; the model has {size} {label} "
+                                     f"(0..{size - 1})")
+
+
+def _indices(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+class Recorder:
+    """Collects one run's records step by step, as numpy arrays on the CPU."""
+
+    def __init__(self, spec: RecordSpec, num_layers: int, num_heads: int):
+        spec.check(num_layers, num_heads)
+        self.spec = spec
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.attention_layers = spec.attention_layers or tuple(range(num_layers))
+        self.attention_heads = spec.attention_heads or tuple(range(num_heads))
+        self._wants: dict[int, frozenset[str]] = {}
+        for layer in range(num_layers):
+            want = set()
+            if "entropy" in spec.names:
+                want.add("entropy")
+            if "attention" in spec.names and layer in self.attention_layers:
+                want.add("probs")
+            self._wants[layer] = frozenset(want)
+        self.observes_attention = any(self._wants.values())
+        self._entropy: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (heads, queries)
+        self._probs: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (chosen heads, queries, keys)
+        self.steps: dict[str, list] = {name: [] for name in
+                                       ("step_seconds", "entropy", "attention_entropy", "attention", "logits",
+                                        "cache_bytes", "cache_tokens")}
+        self.prompt_attention_entropy: np.ndarray | None = None  # (layers, heads, prompt queries)
+        self.prompt_attention: np.ndarray | None = None  # (chosen layers, chosen heads, prompt queries, keys)
+
+    # -- the attention observer protocol -------------------------------------------------------------------
+    def wants(self, layer: int) -> frozenset[str]:
+        return self._wants.get(layer, frozenset())
+
+    def observe(self, call, result) -> None:
+        if result.entropy is not None:
+            self._entropy[call.layer] = result.entropy[0].float()
+        if result.probs is not None:
+            self._probs[call.layer] = result.probs[0, list(self.attention_heads)].float()
+
+    # -- after every forward pass --------------------------------------------------------------------------
+    def end_step(self, logits: torch.Tensor, cache, seconds: float, prefill: bool) -> dict[str, Any]:
+        """Store this step's records and return them (for the stream callback). `logits` is (vocab,) float32;
+        `prefill` marks the forward pass over the prompt, whose every query row is kept as well."""
+        records: dict[str, Any] = {"seconds": seconds}
+        self.steps["step_seconds"].append(seconds)
+        names = self.spec.names
+        if "entropy" in names:
+            _, entropy = softmax_entropy(logits)
+            records["entropy"] = float(entropy)
+            self.steps["entropy"].append(records["entropy"])
+            rows = torch.stack([self._entropy[layer] for layer in range(self.num_layers)]).cpu().numpy()
+            if prefill:  # the prefill: every prompt query's row; the last one chose the first token
+                self.prompt_attention_entropy = rows
+            records["attention_entropy"] = rows[:, :, -1]
+            self.steps["attention_entropy"].append(records["attention_entropy"])
+        if "attention" in names:
+            rows = torch.stack([self._probs[layer] for layer in self.attention_layers]).cpu().numpy()
+            if prefill:
+                self.prompt_attention = rows
+            records["attention"] = rows[:, :, -1, :]
+            self.steps["attention"].append(records["attention"])
+        if "logits" in names:
+            records["logits"] = logits.cpu().numpy()
+            self.steps["logits"].append(records["logits"])
+        if "cache" in names:
+            records["cache_bytes"] = cache.nbytes()
+            records["cache_tokens"] = cache.tokens_held().numpy()
+            self.steps["cache_bytes"].append(records["cache_bytes"])
+            self.steps["cache_tokens"].append(records["cache_tokens"])
+        self._entropy.clear()
+        self._probs.clear()
+        return records
