@@ -34,6 +34,8 @@ def scores(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor:
     softcap = call.kwargs.get("softcap")
     if softcap:
         s = torch.tanh(s / softcap) * softcap
+    if call.mask is None and call.query.shape[2] == 1:
+        return s  # one decoding query at the end of the keys: causal means it sees them all
     return s.masked_fill(~allowed(call, rows), float("-inf"))
 
 

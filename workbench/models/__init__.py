@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,9 +73,6 @@ def _locate(name: str):
 
 def _from_pretrained(source, gguf_file, dtype, label):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a 0.2 s load needs no bar; conversion prints its own message
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
@@ -83,7 +81,8 @@ def _from_pretrained(source, gguf_file, dtype, label):
         raise ModelLoadError(f"cannot load model {label!r}: not a local model directory and not in the local "
                              f"Hugging Face cache (no hub access?) ({_first_line(e)})") from e
     try:
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with _quiet_progress():  # a sub-second load needs no bar; the GGUF conversion prints its own message
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise ModelLoadError(f"{label!r} is a {type(config).__name__}, not a causal language model; "
@@ -96,6 +95,19 @@ def _from_pretrained(source, gguf_file, dtype, label):
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model {label!r} loaded but its tokenizer did not: {_first_line(e)}") from e
     return hf, tokenizer
+
+
+@contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(error: Exception) -> str:

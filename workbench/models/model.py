@@ -88,8 +88,9 @@ class Model:
         return ids.to(self.device)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of a sequence of token ids (a list, or a tensor of shape (n,) or (1, n))."""
         if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
+            ids = ids.reshape(-1).tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids) -> list[str]:

@@ -1,0 +1,71 @@
+"""The `workbench` command: streaming text and a summary, JSON, traces, listings and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import workbench as wb
+from workbench.cli import main
+
+TINY = ["--model", "tiny:llama", "--raw"]
+
+
+def test_run_streams_text_then_summarizes(capsys):
+    assert main(["run", "--prompt", "hello", *TINY, "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    expected = wb.generate(wb.tiny("llama"), "hello", max_new_tokens=5).text
+    assert out.startswith(expected)
+    assert "tokens/s" in out and "cache: peak" in out and "next-token entropy: mean" in out
+
+
+def test_json_summary_and_trace(capsys, tmp_path):
+    path = tmp_path / "out.nc"
+    assert main(["run", "--prompt", "hello", *TINY, "--max-new-tokens", "4", "--json", "--trace", str(path),
+                 "--decoder", "sample", "--set", "decoder.temperature=0.5", "--set", "decoder.seed=3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["new_tokens"] == 4 and summary["trace"] == str(path)
+    assert summary["config"]["decoder_params"]["temperature"] == 0.5
+    assert set(summary["entropy"]) >= {"mean", "max", "attention_mean_by_layer"}
+    trace = wb.load_trace(path)
+    assert trace.sizes["step"] == 4 and "entropy" in trace and "cache_bytes" in trace
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attention", "nope"], "error: unknown attention 'nope'; registered: eager, sdpa"),
+    (["--budget", "128"], "error: cache 'full' has no parameter 'budget'; its parameters: none"),
+    (["--set", "decoder.temperature"], "error: --set takes FAMILY.PARAM=VALUE"),
+    (["--set", "widget.size=3"], "error: --set 'widget.size=3': unknown family 'widget'"),
+    (["--record", "experts"], "error: cannot record 'experts'"),
+    (["--max-new-tokens", "-3"], "error: max_new_tokens must be an integer >= 0"),
+])
+def test_errors_are_one_line_and_non_zero(capsys, argv, message):
+    assert main(["run", "--prompt", "hello", *TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_list_shows_every_component(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for module in wb.FAMILIES.values():
+        for name in module.available():
+            assert f"  {name} " in out
+    assert main(["list", "decoder", "-v"]) == 0
+    assert "top_p = 1.0" in capsys.readouterr().out
+
+
+@pytest.mark.embedded
+def test_installed_command_on_the_embedded_model(embedded):
+    """The real entry point in a fresh process: text from SmolLM2, and a bad name exits 2 without a traceback."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--prompt", "What is the capital of France?",
+                         "--max-new-tokens", "12"], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "Paris" in ok.stdout and "tokens/s" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--prompt", "hi", "--attention", "nope"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: unknown attention 'nope'; registered: eager, sdpa"

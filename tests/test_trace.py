@@ -1,0 +1,87 @@
+"""Traces: named dimensions, token coordinates, the run's configuration, netCDF round trip, cache records."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import workbench as wb
+
+PROMPT = "Traces keep what happened"
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_models):
+    model = tiny_models["llama"]
+    return model, wb.generate(model, PROMPT, max_new_tokens=6, ignore_eos=True,
+                              record=["entropy", "attention", "logits", "cache"])
+
+
+def test_dimensions_and_coordinates_are_named(full_run):
+    model, run = full_run
+    trace = run.trace
+    n_prompt = len(run.prompt_ids)
+    assert dict(trace.sizes) == {"step": 6, "position": n_prompt + 6, "layer": 2, "head": 4, "kv_head": 2,
+                                 "query": n_prompt, "attn_layer": 2, "attn_head": 4, "vocab": 320}
+    assert trace["attention_entropy"].dims == ("step", "layer", "head")
+    assert trace["prompt_attention_entropy"].dims == ("layer", "head", "query")
+    assert trace["attention"].dims == ("step", "attn_layer", "attn_head", "position")
+    assert trace["cache_tokens"].dims == ("step", "layer", "kv_head")
+    assert list(trace["token"].values) == model.token_strings(run.token_ids)
+    assert list(trace["position_token"].values) == model.token_strings(run.prompt_ids + run.token_ids)
+    assert trace["is_prompt"].values.sum() == n_prompt
+    assert list(trace["kv_head_of"].values) == [0, 0, 1, 1]
+    assert trace["entropy"].attrs["units"] == "nats"
+
+
+def test_configuration_travels_in_attrs(full_run):
+    _, run = full_run
+    config = wb.trace.trace_config(run.trace)
+    assert config["model"] == "tiny-llama" and config["prompt"] == PROMPT
+    assert (config["attention"], config["cache"], config["decoder"], config["router"]) == \
+           ("sdpa", "full", "greedy", "native")
+    assert config["record"] == ["attention", "cache", "entropy", "logits"]
+    assert run.trace.attrs["max_new_tokens"] == 6
+
+
+def test_netcdf_round_trip_is_identical(full_run, tmp_path):
+    _, run = full_run
+    path = run.save(tmp_path / "run.nc")
+    loaded = wb.load_trace(path)
+    xr.testing.assert_identical(loaded, run.trace)
+    assert loaded["token"].values.tolist() == run.trace["token"].values.tolist()
+
+
+def test_cache_records_are_the_bytes_the_tensors_hold(full_run):
+    model, run = full_run
+    trace = run.trace
+    n_prompt = len(run.prompt_ids)
+    held = n_prompt + np.arange(6)  # after step s the cache holds the prompt and the first s new tokens
+    assert (trace["cache_tokens"].values == held[:, None, None]).all()
+    text = model.text_config
+    bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4  # K and V, fp32
+    assert trace["cache_bytes"].values.tolist() == (held * bytes_per_token).tolist()
+    assert run.peak_cache_bytes == held[-1] * bytes_per_token
+
+
+def test_attention_rows_for_chosen_layers_and_heads(tiny_llama):
+    run = wb.generate(tiny_llama, PROMPT, max_new_tokens=3, record={"attention": {"layers": [1], "heads": [0, 3]}})
+    assert run.trace["attn_layer"].values.tolist() == [1]
+    assert run.trace["attn_head"].values.tolist() == [0, 3]
+    rows = run.trace["attention"].values
+    assert rows.shape == (3, 1, 2, len(run.prompt_ids) + 3)
+    np.testing.assert_allclose(np.nansum(rows, axis=-1), 1.0, rtol=1e-5)  # each row is a distribution
+
+
+def test_nothing_recorded_keeps_only_tokens_and_timings(tiny_llama):
+    run = wb.generate(tiny_llama, PROMPT, max_new_tokens=3)
+    assert list(run.trace.data_vars) == ["step_seconds"]
+    assert run.trace.sizes["step"] == 3
+
+
+def test_bad_record_requests_fail_clearly(tiny_llama):
+    with pytest.raises(wb.ParameterError, match="cannot record 'experts'; recordable: entropy, attention"):
+        wb.generate(tiny_llama, PROMPT, record=["experts"])
+    with pytest.raises(wb.ParameterError, match=r"layers \[7\] out of range; the model has 2 layers"):
+        wb.generate(tiny_llama, PROMPT, record={"attention": {"layers": [7]}})
+    with pytest.raises(wb.ParameterError, match="takes 'layers' and 'heads'"):
+        wb.generate(tiny_llama, PROMPT, record={"attention": {"rows": [1]}})
