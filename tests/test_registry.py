@@ -11,7 +11,7 @@ from workbench.registry import Component, Registry, param
 
 def test_reference_members_are_registered():
     assert wb.attention.available() == ["eager", "sdpa"]
-    assert wb.cache.available() == ["full"]
+    assert wb.cache.available() == ["full", "h2o", "knorm", "pyramidkv", "snapkv", "streaming_llm", "tova"]
     assert wb.decode.available() == ["greedy", "sample"]
     assert wb.routers.available() == ["native"]
 
@@ -26,6 +26,8 @@ def test_unknown_name_lists_registered_members():
 def test_unknown_parameter_lists_valid_ones():
     with pytest.raises(wb.ParameterError, match="cache 'full' has no parameter 'budget'; its parameters: none"):
         wb.cache.get("full", budget=128)
+    with pytest.raises(wb.ParameterError, match="cache 'h2o' has no parameter 'budgett'; its parameters: budget, "):
+        wb.cache.get("h2o", budgett=128)
     with pytest.raises(wb.ParameterError, match="its parameters: temperature, top_k, top_p, min_p, seed"):
         wb.decode.get("sample", temprature=0.5)
 

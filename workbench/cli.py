@@ -126,7 +126,8 @@ def run_command(args) -> int:
     print(f"\n{len(run.token_ids)} tokens ({run.finish_reason}) at {run.tokens_per_s:.1f} tokens/s "
           f"(prefill {run.prefill_seconds * 1000:.0f} ms for {len(run.prompt_ids)} prompt tokens, "
           f"decode {run.decode_tokens_per_s:.1f} tokens/s)")
-    print(f"cache: peak {run.peak_cache_bytes / 2**20:.2f} MiB ({components['cache']})")
+    evicted = int((run.trace["cache_evicted_at"] >= 0).sum()) if "cache_evicted_at" in run.trace else 0
+    print(f"cache: peak {run.peak_cache_bytes / 2**20:.2f} MiB, {evicted} entries evicted ({components['cache']})")
     print(entropy_summary_line(run))
     if args.trace:
         print(f"trace saved to {args.trace}")

@@ -14,7 +14,12 @@ import torch
 
 from workbench.registry import Component
 
-STATISTICS = ("entropy", "probs")
+# What a variant can be asked for besides its output:
+#   entropy  -- (batch, heads, q_len): Shannon entropy of each attention row
+#   probs    -- (batch, heads, q_len, k_len): the attention rows themselves
+#   key_mass -- (batch, kv_heads, k_len): attention each key received, summed over the queries and over the query
+#               heads of its KV group (the score H2O-style caches accumulate)
+STATISTICS = ("entropy", "probs", "key_mass")
 
 
 @dataclass
@@ -39,11 +44,12 @@ class AttentionResult:
     output: torch.Tensor  # (batch, q_len, heads, head_dim): the layout transformers expects back
     entropy: torch.Tensor | None = None  # (batch, heads, q_len) float32, Shannon entropy (nats) of each row
     probs: torch.Tensor | None = None  # (batch, heads, q_len, k_len) float32 attention rows
+    key_mass: torch.Tensor | None = None  # (batch, kv_heads, k_len) float32 attention received per key
 
 
 class AttentionVariant(Component):
     """Base of attention variants: `attend` computes the layer's attention output and, when asked
-    (`want` is a subset of {"entropy", "probs"}), the statistics of the attention it actually used."""
+    (`want` is a subset of STATISTICS), the statistics of the attention it actually used."""
 
     def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
         raise NotImplementedError

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from workbench.attention.base import AttentionCall, AttentionResult, AttentionVariant
+from workbench.errors import WorkbenchError
 
 IMPLEMENTATION = "workbench"
 
@@ -33,6 +34,7 @@ class AttentionObserver(Protocol):
 class _Binding:
     variant: AttentionVariant
     observer: AttentionObserver | None
+    cache: Any = None  # a workbench KVCache: it may mask slots, want statistics, and evict after attention
 
 
 _active: contextvars.ContextVar[_Binding | None] = contextvars.ContextVar("workbench_attention", default=None)
@@ -46,11 +48,18 @@ def workbench_attention(module, query, key, value, attention_mask, scaling=None,
     layer = getattr(module, "layer_idx", 0)
     call = AttentionCall(layer, query, key, value, attention_mask,
                          scaling if scaling is not None else query.shape[-1] ** -0.5, module, kwargs)
-    observer = binding.observer
+    observer, cache = binding.observer, binding.cache
     want = observer.wants(layer) if observer is not None else frozenset()
+    if cache is not None:
+        want = want | cache.wants(layer)
+        slots = cache.attention_mask(layer)  # per KV head, when heads hold different tokens
+        if slots is not None:
+            call.mask = slots.repeat_interleave(call.groups, dim=1)
     result = binding.variant.attend(call, want)
-    if want:
+    if observer is not None and want:
         observer.observe(call, result)
+    if cache is not None:
+        cache.after_attention(call, result)
     return result.output, None
 
 
@@ -59,13 +68,28 @@ AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
-def use_attention(hf_model, variant: AttentionVariant, observer: AttentionObserver | None = None):
-    """Route the model's attention through `variant` for the duration of the block, then restore it."""
+def use_attention(hf_model, variant: AttentionVariant | str, observer: AttentionObserver | None = None, cache=None):
+    """Route the model's attention through `variant` for the duration of the block, then restore it.
+
+    observer -- receives the statistics it asks for, layer by layer (the trace recorder)
+    cache    -- the workbench KVCache of the run: eviction policies see attention and evict through it
+    """
+    if isinstance(variant, str):
+        from workbench.attention import get as get_variant  # the registry imports this module
+
+        variant = get_variant(variant)
     previous = hf_model.config._attn_implementation
     hf_model.set_attn_implementation(IMPLEMENTATION)
-    token = _active.set(_Binding(variant, observer))
+    if hf_model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns; we refuse
+        raise WorkbenchError(f"{type(hf_model).__name__} does not route attention through transformers' "
+                             "AttentionInterface, so workbench attention variants cannot plug into it")
+    token = _active.set(_Binding(variant, observer, cache))
+    if cache is not None:
+        cache.bridged = True
     try:
         yield
     finally:
+        if cache is not None:
+            cache.bridged = False
         _active.reset(token)
         hf_model.set_attn_implementation(previous)

@@ -20,14 +20,15 @@ class Eager(AttentionVariant):
     def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
         eager = getattr(sys.modules.get(type(call.module).__module__), "eager_attention_forward", None)
         if eager is None:  # a model without a module-level eager function: same math in plain torch
-            output, entropy, probs = reference.dense_attention(call, want)
-            return AttentionResult(output, entropy, probs)
+            output, statistics = reference.dense_attention(call, want)
+            return AttentionResult(output, **statistics)
         output, weights = eager(call.module, call.query, call.key, call.value, _additive(call),
                                 scaling=call.scaling, **call.kwargs)
         weights = weights.float()
         return AttentionResult(output,
-                               reference.row_entropy(weights) if "entropy" in want else None,
-                               weights if "probs" in want else None)
+                               entropy=reference.row_entropy(weights) if "entropy" in want else None,
+                               probs=weights if "probs" in want else None,
+                               key_mass=reference.group_key_mass(weights, call.groups) if "key_mass" in want else None)
 
 
 def _additive(call: AttentionCall) -> torch.Tensor:

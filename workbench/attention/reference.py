@@ -45,25 +45,33 @@ def row_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def dense_attention(call: AttentionCall, want: frozenset[str] = frozenset(), with_output: bool = True):
-    """Dense attention under the call's mask: (output, entropy, probs).
+    """Dense attention under the call's mask: (output, statistics).
 
     output is (batch, q_len, heads, head_dim) in the query dtype, or None when `with_output` is False (the
-    caller has its own output and only needs the statistics); entropy and probs are computed when in `want`."""
+    caller has its own output and only needs the statistics); statistics holds what `want` names (see
+    workbench.attention.base.STATISTICS)."""
     q_len = call.query.shape[2]
     value = call.value.float().repeat_interleave(call.groups, dim=1) if with_output else None
-    outputs, entropies, rows_kept = [], [], []
+    outputs, parts = [], {name: [] for name in want}
     for start in range(0, q_len, ROW_CHUNK):
         rows = slice(start, min(start + ROW_CHUNK, q_len))
         probs = torch.softmax(scores(call, rows), dim=-1)
         if with_output:
             outputs.append(torch.matmul(probs, value))
         if "entropy" in want:
-            entropies.append(row_entropy(probs))
+            parts["entropy"].append(row_entropy(probs))
         if "probs" in want:
-            rows_kept.append(probs)
-    output = _cat(outputs).transpose(1, 2).to(call.query.dtype) if with_output else None
-    return output, _cat(entropies), _cat(rows_kept)
+            parts["probs"].append(probs)
+        if "key_mass" in want:
+            parts["key_mass"].append(group_key_mass(probs, call.groups))
+    output = torch.cat(outputs, dim=2).transpose(1, 2).to(call.query.dtype) if with_output else None
+    statistics = {name: torch.cat(chunks, dim=2) for name, chunks in parts.items() if name != "key_mass"}
+    if "key_mass" in want:
+        statistics["key_mass"] = torch.stack(parts["key_mass"]).sum(0)
+    return output, statistics
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    return torch.cat(parts, dim=2) if parts else None
+def group_key_mass(probs: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, heads, q, k) attention rows -> (batch, kv_heads, k): mass each key got from its group's queries."""
+    batch, heads, _, keys = probs.shape
+    return probs.sum(dim=2).view(batch, heads // groups, groups, keys).sum(dim=2)

@@ -23,5 +23,5 @@ class SDPA(AttentionVariant):
             return AttentionResult(output)
         # SDPA does not expose its weights: the statistics come from a dense recomputation of the same
         # attention (same mask, same scaling), chunked over query rows so memory stays linear in length.
-        _, entropy, probs = reference.dense_attention(call, want, with_output=False)
-        return AttentionResult(output, entropy, probs)
+        _, statistics = reference.dense_attention(call, want, with_output=False)
+        return AttentionResult(output, **statistics)

@@ -1,10 +1,17 @@
 """KV cache policies: what is kept between decoding steps. A registry of small named components.
 
-    workbench.cache.get("full").build(model)  -> a transformers Cache usable by model.generate
+    workbench.cache.get("snapkv", budget=128).build(model)  -> a transformers Cache for one run
 """
 
 from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.eviction import EvictingCache, EvictionPolicy
 from workbench.cache.full import Full, FullCache
+from workbench.cache.h2o import H2O
+from workbench.cache.knorm import KNorm
+from workbench.cache.pyramidkv import PyramidKV
+from workbench.cache.snapkv import SnapKV
+from workbench.cache.streaming_llm import StreamingLLM
+from workbench.cache.tova import TOVA
 from workbench.registry import Registry
 
 registry = Registry("cache", CachePolicy)
@@ -13,6 +20,8 @@ available = registry.available
 get = registry.get
 describe = registry.describe
 
-register(Full)
+for _policy in (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV):
+    register(_policy)
 
-__all__ = ["CachePolicy", "KVCache", "Full", "FullCache", "registry", "register", "available", "get", "describe"]
+__all__ = ["CachePolicy", "KVCache", "EvictingCache", "EvictionPolicy", "Full", "FullCache", "StreamingLLM", "H2O",
+           "SnapKV", "TOVA", "KNorm", "PyramidKV", "registry", "register", "available", "get", "describe"]

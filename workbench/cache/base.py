@@ -36,6 +36,24 @@ class KVCache(DynamicCache):
         held = torch.tensor([layer.get_seq_length() for layer in self.layers], dtype=torch.long)
         return held[:, None].expand(-1, self.num_kv_heads)
 
+    # -- hooks workbench's attention bridge calls for every layer (no-ops for a cache that never evicts) --------
+    bridged = False  # True while the bridge serves this cache
+
+    def wants(self, layer_idx: int) -> frozenset[str]:
+        """Attention statistics this cache needs from the layer (see workbench.attention.base.STATISTICS)."""
+        return frozenset()
+
+    def attention_mask(self, layer_idx: int) -> torch.Tensor | None:
+        """Bool (1, kv_heads, q_len, k_len) of the slots each query may see, when the plain causal mask is wrong."""
+        return None
+
+    def after_attention(self, call, result) -> None:
+        """Called once the layer's attention ran (eviction policies score and evict here)."""
+
+    def drain_events(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """(layer, kv_head, evicted positions, merged-into positions or None) since the last call."""
+        return []
+
     def positions(self, layer_idx: int) -> torch.Tensor:
         """Long tensor (kv_heads, n): the absolute positions of the tokens a layer keeps, per KV head."""
         layer = self.layers[layer_idx]

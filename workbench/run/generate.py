@@ -86,7 +86,7 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
     generated, step_seconds, peak_bytes, finish = [], [], 0, "length"
     shown = ""
     inputs, position = prompt_ids, 0
-    with torch.inference_mode(), use_attention(hf, components["attention"], observer), \
+    with torch.inference_mode(), use_attention(hf, components["attention"], observer, kv), \
             components["router"].attached(model):
         for step in range(max_new_tokens):
             started = time.perf_counter()

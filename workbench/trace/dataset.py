@@ -69,6 +69,14 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
         data["cache_bytes"] = ("step", np.array(steps["cache_bytes"], dtype=np.int64))
         data["cache_tokens"] = (("step", "layer", "kv_head"),
                                 _stack(steps["cache_tokens"], (0, recorder.num_layers, num_kv_heads), np.int64))
+        evicted_at = np.full((recorder.num_layers, num_kv_heads, n_positions), -1, dtype=np.int32)
+        merged_into = np.full_like(evicted_at, -1)
+        for step, layer, head, positions, merged in recorder.evictions:
+            evicted_at[layer, head, positions] = step
+            if merged is not None:
+                merged_into[layer, head, positions] = merged
+        data["cache_evicted_at"] = (("layer", "kv_head", "position"), evicted_at)
+        data["cache_merged_into"] = (("layer", "kv_head", "position"), merged_into)
     dataset = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
     _describe_variables(dataset)
     return dataset
@@ -95,6 +103,8 @@ DESCRIPTIONS = {
     "logits": ("logit", "next-token logits this token was chosen from"),
     "cache_bytes": ("bytes", "bytes held by the KV cache after this step"),
     "cache_tokens": ("tokens", "tokens held per layer and KV head after this step"),
+    "cache_evicted_at": ("step", "the step during which the cache evicted this position (-1: never evicted)"),
+    "cache_merged_into": ("position", "the kept position an evicted entry was merged into (-1: dropped, or kept)"),
 }
 
 
@@ -119,6 +129,18 @@ def _netcdf_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = json.dumps(value, default=str)
     return flat
+
+
+def cache_alive(dataset: xr.Dataset) -> xr.DataArray:
+    """Bool (step, layer, kv_head, position): whether each position is in the cache after each step.
+
+    After step s the cache has been given the prompt and the first s generated tokens, minus what it evicted
+    during steps 0..s (decoded from the compact `cache_evicted_at`)."""
+    evicted_at = dataset["cache_evicted_at"]
+    n_prompt = int(dataset["is_prompt"].sum())
+    given = dataset["position"] < n_prompt + dataset["step"]
+    evicted = (evicted_at >= 0) & (evicted_at <= dataset["step"])
+    return (given & ~evicted).transpose("step", "layer", "kv_head", "position").rename("cache_alive")
 
 
 def save_trace(dataset: xr.Dataset, path: str | Path) -> Path:

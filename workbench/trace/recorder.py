@@ -19,7 +19,7 @@ RECORDABLE = {
     "entropy": "next-token entropy per step; attention entropy per step, layer and head (and for the prompt rows)",
     "attention": "attention rows over positions per step for chosen layers and heads, and the prompt's matrix",
     "logits": "the full next-token logits at every step",
-    "cache": "bytes the KV cache holds, and tokens held per layer and KV head, at every step",
+    "cache": "bytes the KV cache holds, tokens held per layer and KV head, and which positions were evicted when",
 }
 
 
@@ -99,6 +99,8 @@ class Recorder:
         self.steps: dict[str, list] = {name: [] for name in
                                        ("step_seconds", "entropy", "attention_entropy", "attention", "logits",
                                         "cache_bytes", "cache_tokens")}
+        # (step, layer, kv_head, evicted positions, positions they were merged into or None)
+        self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         self.prompt_attention_entropy: np.ndarray | None = None  # (layers, heads, prompt queries)
         self.prompt_attention: np.ndarray | None = None  # (chosen layers, chosen heads, prompt queries, keys)
 
@@ -137,7 +139,13 @@ class Recorder:
         if "logits" in names:
             records["logits"] = logits.cpu().numpy()
             self.steps["logits"].append(records["logits"])
+        events = cache.drain_events()  # drained every step so they never pile up
         if "cache" in names:
+            step = len(self.steps["step_seconds"]) - 1
+            self.evictions += [(step, layer, head, positions.cpu().numpy(),
+                                None if merged is None else merged.cpu().numpy())
+                               for layer, head, positions, merged in events]
+            records["cache_evicted"] = sum(len(positions) for _, _, positions, _ in events)
             records["cache_bytes"] = cache.nbytes()
             records["cache_tokens"] = cache.tokens_held().numpy()
             self.steps["cache_bytes"].append(records["cache_bytes"])

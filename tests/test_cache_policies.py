@@ -1,0 +1,247 @@
+"""Eviction policies: each keeps what its paper's rule says on hand-built inputs, frees real memory, matches an
+independent masked dense computation, and reproduces the full cache when the budget covers everything."""
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.attention import reference
+from workbench.attention.base import AttentionCall, AttentionResult
+
+POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "pyramidkv"]
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
+
+
+class FakeModule:
+    layer_idx = 0
+    num_key_value_groups = 1
+
+
+def filled_cache(model, policy, keys, values=None):
+    """A cache of `policy` whose layer 0 holds `keys` (kv_heads, n, head_dim), as after a prefill."""
+    cache = policy.build(model)
+    cache.bridged = True
+    values = torch.randn_like(keys) if values is None else values
+    cache.update(keys[None], values[None], 0)
+    return cache
+
+
+def call_for(cache, query, keys, values):
+    """The attention call layer 0 would see for `query` (heads, q, head_dim) over what the cache returned."""
+    groups = query.shape[0] // keys.shape[0]
+    module = FakeModule()
+    module.num_key_value_groups = groups
+    return AttentionCall(0, query[None], keys[None], values[None], cache.attention_mask(0), keys.shape[-1] ** -0.5,
+                         module)
+
+
+def evict(cache, query, result=None):
+    layer = cache.layers[0]
+    keys, values = layer.stacked()
+    call = call_for(cache, query, keys[0], values[0])
+    if result is None:
+        _, statistics = reference.dense_attention(call, cache.wants(0) | {"key_mass"}, with_output=False)
+        result = AttentionResult(torch.zeros(1), **statistics)
+    cache.after_attention(call, result)
+    return [p.tolist() for p in cache.positions(0)]
+
+
+def test_streaming_llm_keeps_sinks_and_the_most_recent(tiny_llama):
+    cache = filled_cache(tiny_llama, wb.cache.get("streaming_llm", budget=6, sinks=2), torch.randn(2, 12, 64))
+    kept = evict(cache, torch.randn(4, 12, 64))
+    assert kept == [[0, 1, 8, 9, 10, 11]] * 2
+
+
+def test_knorm_keeps_the_smallest_keys(tiny_llama):
+    keys = torch.randn(2, 10, 64)
+    norms = torch.tensor([[5, 1, 9, 2, 8, 3, 7, 4, 6, 0.5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10.0]])
+    keys = keys / keys.norm(dim=-1, keepdim=True) * norms[..., None]
+    cache = filled_cache(tiny_llama, wb.cache.get("knorm", budget=4, sinks=0, window=1), keys)
+    kept = evict(cache, torch.randn(4, 10, 64))
+    assert kept == [[1, 3, 5, 9], [0, 1, 2, 9]]  # head 0: norms 1, 2, 3 and the recent 9; head 1: 1, 2, 3 + recent
+
+
+def attention_to(targets, n, heads=4, dim=64):
+    """Keys and a last query such that the query attends (almost) only to `targets` (per KV head of 2)."""
+    keys = torch.zeros(2, n, dim)
+    query = torch.zeros(heads, n, dim)
+    for kv_head, chosen in enumerate(targets):
+        for slot in chosen:
+            keys[kv_head, slot, slot] = 1.0
+            query[2 * kv_head:2 * kv_head + 2, -1, slot] = 40.0
+    return keys, query
+
+
+def test_tova_keeps_what_the_last_query_attends_to(tiny_llama):
+    keys, query = attention_to([[2, 5], [0, 7]], n=10)
+    cache = filled_cache(tiny_llama, wb.cache.get("tova", budget=3), keys)
+    kept = evict(cache, query)
+    assert {2, 5} <= set(kept[0]) and {0, 7} <= set(kept[1]) and all(len(k) == 3 for k in kept)
+
+
+def test_snapkv_window_votes_and_pooling_keeps_neighbours(tiny_llama):
+    keys, query = attention_to([[3], [6]], n=16)
+    cache = filled_cache(tiny_llama, wb.cache.get("snapkv", budget=6, window=2, kernel=1), keys)
+    assert evict(cache, query)[0][0] == 3
+    cache = filled_cache(tiny_llama, wb.cache.get("snapkv", budget=6, window=2, kernel=3), keys)
+    kept = evict(cache, query)
+    assert kept[0][:3] == [2, 3, 4] and kept[1][:3] == [5, 6, 7]  # the voted token and its pooled neighbours
+    assert kept[0][-2:] == [14, 15]  # the observation window stays
+
+
+def test_h2o_accumulates_attention_over_steps(tiny_llama):
+    keys = torch.randn(2, 8, 64)
+    cache = filled_cache(tiny_llama, wb.cache.get("h2o", budget=4, sinks=0, window=1), keys)
+    mass = torch.zeros(1, 2, 8)
+    mass[0, :, 1] = 3.0  # token 1 was the heavy hitter early on
+    mass[0, :, 4] = 1.0
+    mass[0, :, 6] = 2.0
+    evict(cache, torch.randn(4, 8, 64), AttentionResult(torch.zeros(1), key_mass=mass))
+    assert [p.tolist() for p in cache.positions(0)] == [[1, 4, 6, 7]] * 2
+    # a decode step: token 8 arrives; now token 4 gets attention and token 6 none; 1 stays the heaviest
+    cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0)
+    step = torch.tensor([[[0.0, 2.5, 0.0, 0.0, 0.5]] * 2])  # over slots holding positions 1, 4, 6, 7, 8
+    evict(cache, torch.randn(4, 1, 64), AttentionResult(torch.zeros(1), key_mass=step))
+    assert [p.tolist() for p in cache.positions(0)] == [[1, 4, 6, 8]] * 2  # 7 had the least in total
+    assert torch.allclose(cache.states[0].head_scores[0], torch.tensor([3.0, 3.5, 2.0, 0.5]))
+
+
+def test_pyramid_budgets_shrink_with_depth_and_average_the_budget():
+    policy = wb.cache.get("pyramidkv", budget=128, window=8)
+    budgets = policy.layer_budgets(128, 30, prompt_length=2000)
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 128 > budgets[-1]
+    assert sum(budgets) / 30 == pytest.approx(128, abs=1)
+    assert policy.layer_budgets(128, 30, prompt_length=100) == [128] * 30  # a short prompt stays whole
+
+
+def test_ragged_heads_attend_only_to_what_they_hold(tiny_llama):
+    """Heads holding different tokens: attention through the cache's mask equals per-head dense attention
+    over exactly the kept keys (computed head by head, independently)."""
+    cache = filled_cache(tiny_llama, wb.cache.get("knorm", budget=4, sinks=0, window=0), torch.randn(2, 9, 64))
+    layer = cache.layers[0]
+    layer.keep(0, torch.tensor([0, 3, 5, 8]))  # head 0 keeps 4 tokens, head 1 keeps all 9
+    new_k, new_v = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)
+    keys, values = cache.update(new_k, new_v, 0)
+    query = torch.randn(4, 1, 64)
+    call = call_for(cache, query, keys[0], values[0])
+    assert call.mask is not None and call.mask.shape == (1, 2, 1, 10)
+    call.mask = call.mask.repeat_interleave(2, dim=1)
+    output = wb.attention.get("sdpa").attend(call, frozenset()).output[0]  # (1, heads, dim)
+    for head in range(4):
+        kv = head // 2
+        n = layer.held()[kv]
+        k, v = layer.head_keys[kv], layer.head_values[kv]
+        weights = torch.softmax(query[head] @ k[:n].T / 8.0, dim=-1)
+        torch.testing.assert_close(output[0, head], (weights @ v[:n])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_budget_covering_everything_reproduces_the_full_cache(tiny_models, name):
+    for family in ("llama", "qwen3_moe"):
+        model = tiny_models[family]
+        full = wb.generate(model, PROMPT, max_new_tokens=8, ignore_eos=True, record=["logits"])
+        run = wb.generate(model, PROMPT, cache=wb.cache.get(name, budget=400), max_new_tokens=8, ignore_eos=True,
+                          record=["logits", "cache"])
+        assert run.token_ids == full.token_ids
+        torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values),
+                                   torch.from_numpy(full.trace["logits"].values), atol=1e-5, rtol=1e-5)
+        assert (run.trace["cache_evicted_at"] == -1).all()
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_under_budget_the_cache_really_holds_less(tiny_llama, name):
+    budget = 48
+    policy = wb.cache.get(name, budget=budget, **({"window": 8} if name in ("snapkv", "pyramidkv", "h2o") else {}))
+    run = wb.generate(tiny_llama, PROMPT, cache=policy, max_new_tokens=6, ignore_eos=True, record=["cache"])
+    trace = run.trace
+    text = tiny_llama.text_config
+    bytes_per_token = 2 * text.head_dim * 4  # one KV head: K and V, float32
+    held = trace["cache_tokens"].values  # (step, layer, kv_head)
+    assert (trace["cache_bytes"].values == held.sum(axis=(1, 2)) * bytes_per_token).all()  # bytes are real
+    alive = wb.trace.cache_alive(trace)
+    assert (alive.sum("position").values == held).all()  # the eviction log agrees with the counts
+    if policy.compress == "prefill":
+        assert held[0].mean() <= budget and held[-1].mean() <= budget + 5  # compressed once, then it grows
+    else:
+        assert (held <= budget).all() and (held[-1] == budget).any()
+    assert run.peak_cache_bytes < len(run.prompt_ids) * 2 * text.num_key_value_heads * bytes_per_token
+
+
+def streaming_mask(n_prompt, total, budget, sinks):
+    """Which keys each query sees under StreamingLLM with compression at prefill and decoding, built directly
+    from the rule: prompt queries see their causal past; the query at position p >= n_prompt sees the sinks
+    and the last budget - sinks positions before it, plus itself."""
+    mask = torch.ones(total, total).tril().bool()
+    for p in range(n_prompt, total):
+        recent = budget - sinks
+        visible = torch.zeros(total, dtype=torch.bool)
+        visible[:sinks] = True
+        visible[max(0, p - recent):p + 1] = True
+        mask[p] &= visible
+    return mask
+
+
+def test_streaming_llm_matches_a_dense_masked_forward(tiny_llama):
+    budget, sinks, steps = 40, 4, 30
+    run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("streaming_llm", budget=budget, sinks=sinks),
+                      max_new_tokens=steps, ignore_eos=True, record=["logits"])
+    ids = torch.tensor([run.prompt_ids + run.token_ids[:-1]])
+    n_prompt, total = len(run.prompt_ids), ids.shape[1]
+    mask = streaming_mask(n_prompt, total, budget, sinks)[None, None]
+    with torch.inference_mode():
+        logits = tiny_llama.hf(ids, attention_mask=mask).logits[0, n_prompt - 1:].float()
+    torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_long_decoding_under_eviction_stays_consistent(tiny_llama):
+    run = wb.generate(tiny_llama, "A", cache=wb.cache.get("h2o", budget=24, window=8, sinks=2),
+                      max_new_tokens=150, ignore_eos=True, record=["cache"])
+    assert len(run.token_ids) == 150
+    alive = wb.trace.cache_alive(run.trace).isel(step=-1)
+    assert (alive.sum("position") == 24).all()
+    assert alive.isel(position=slice(0, 2)).all()  # sinks survive 150 steps
+    cache_positions = alive.isel(layer=0, kv_head=0).values.nonzero()[0]
+    assert (cache_positions[-8:] == range(len(run.prompt_ids) + 150 - 9, len(run.prompt_ids) + 149)).all()
+
+
+@pytest.mark.embedded
+def test_embedded_model_policies_run_and_converge(embedded):
+    prompt = [{"role": "user", "content": "Remember the number 4721. " + "The grass is green. " * 40 +
+               "What number did I ask you to remember?"}]
+    full = wb.generate(embedded, prompt, max_new_tokens=8)
+    for name in POLICIES:
+        big = wb.generate(embedded, prompt, cache=wb.cache.get(name, budget=1024), max_new_tokens=8)
+        assert big.token_ids == full.token_ids, name
+        small = wb.generate(embedded, prompt, cache=wb.cache.get(name, budget=64, **(
+            {"window": 16} if name in ("snapkv", "pyramidkv", "h2o") else {})), max_new_tokens=8, record=["cache"])
+        assert small.peak_cache_bytes < full.peak_cache_bytes / 2, name
+
+
+def test_hf_generate_uses_the_policy_inside_the_bridge(tiny_llama):
+    ids = tiny_llama.encode(PROMPT)
+    cache = wb.cache.get("h2o", budget=32, window=8).build(tiny_llama)
+    with pytest.raises(wb.WorkbenchError, match="use workbench.generate, or run model.generate inside"):
+        tiny_llama.hf.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    cache = wb.cache.get("h2o", budget=32, window=8).build(tiny_llama)
+    with wb.attention.use_attention(tiny_llama.hf, "sdpa", cache=cache):
+        out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    ours = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("h2o", budget=32, window=8), max_new_tokens=6)
+    assert out[0, ids.shape[1]:].tolist() == ours.token_ids
+    assert cache.tokens_held().max() == 32
+
+
+def test_bad_budgets_fail_clearly():
+    with pytest.raises(wb.ParameterError, match="'budget' is 0; it must be >= 1"):
+        wb.cache.get("h2o", budget=0)
+    with pytest.raises(wb.ParameterError, match=r"budget 16 is smaller than sinks \+ window \(4 \+ 32\)"):
+        wb.cache.get("h2o", budget=16)
+    with pytest.raises(wb.ParameterError, match="'compress' is 'never'; allowed: 'prefill', 'decode', 'both'"):
+        wb.cache.get("tova", compress="never")
+    with pytest.raises(wb.UnknownComponentError, match="unknown cache 'lru'; registered: full, h2o"):
+        wb.cache.get("lru")
+
+
+def test_ratio_budget_follows_the_prompt(tiny_llama):
+    run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("knorm", ratio=0.25, window=4), max_new_tokens=3,
+                      ignore_eos=True, record=["cache"])
+    assert (run.trace["cache_tokens"].values[0] == -(-len(run.prompt_ids) // 4)).all()

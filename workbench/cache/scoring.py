@@ -1,0 +1,26 @@
+"""Attention-derived token scores shared by eviction policies, computed in torch from the layer's attention call
+(the fused kernel will provide some of them directly). All are per KV head, GQA-aware: the query heads of a
+group are summed, and RoPE is already in the cached keys and the queries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workbench.attention import reference
+
+
+def window_attention(call, last: int) -> torch.Tensor:
+    """(kv_heads, keys): attention the last `last` queries paid to each key, summed over those queries and the
+    group's query heads (SnapKV's observation-window vote; TOVA with last=1)."""
+    q_len = call.query.shape[2]
+    rows = slice(max(0, q_len - last), q_len)
+    probs = torch.softmax(reference.scores(call, rows), dim=-1)
+    return reference.group_key_mass(probs, call.groups)[0]
+
+
+def pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool scores along keys (odd kernel, same length), so neighbours of important tokens are kept too."""
+    if kernel <= 1:
+        return scores
+    return F.max_pool1d(scores[:, None, :], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :]
