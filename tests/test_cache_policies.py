@@ -31,8 +31,9 @@ def call_for(cache, query, keys, values):
     groups = query.shape[0] // keys.shape[0]
     module = FakeModule()
     module.num_key_value_groups = groups
-    return AttentionCall(0, query[None], keys[None], values[None], cache.attention_mask(0), keys.shape[-1] ** -0.5,
-                         module)
+    call = AttentionCall(0, query[None], keys[None], values[None], None, keys.shape[-1] ** -0.5, module)
+    call.mask = cache.attention_mask(0, call)
+    return call
 
 
 def evict(cache, query, result=None):

@@ -52,7 +52,7 @@ def workbench_attention(module, query, key, value, attention_mask, scaling=None,
     want = observer.wants(layer) if observer is not None else frozenset()
     if cache is not None:
         want = want | cache.wants(layer)
-        slots = cache.attention_mask(layer)  # per KV head, when heads hold different tokens
+        slots = cache.attention_mask(layer, call)  # per KV head, when heads hold or select different tokens
         if slots is not None:
             call.mask = slots.repeat_interleave(call.groups, dim=1)
     result = binding.variant.attend(call, want)

@@ -43,9 +43,13 @@ class KVCache(DynamicCache):
         """Attention statistics this cache needs from the layer (see workbench.attention.base.STATISTICS)."""
         return frozenset()
 
-    def attention_mask(self, layer_idx: int) -> torch.Tensor | None:
-        """Bool (1, kv_heads, q_len, k_len) of the slots each query may see, when the plain causal mask is wrong."""
+    def attention_mask(self, layer_idx: int, call) -> torch.Tensor | None:
+        """Bool (1, kv_heads, q_len, k_len) of the slots each query may see, when the plain causal mask is wrong.
+        `call` (the layer's AttentionCall, query included) lets query-aware policies select slots per step."""
         return None
+
+    def see_tokens(self, input_ids: torch.Tensor) -> None:
+        """Called with the token ids (1, n) of each forward pass before it runs (sentence-aware policies)."""
 
     def after_attention(self, call, result) -> None:
         """Called once the layer's attention ran (eviction policies score and evict here)."""

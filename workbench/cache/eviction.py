@@ -50,8 +50,9 @@ class EvictionPolicy(CachePolicy):
         return EvictingCache(model.config, self)
 
     # -- what subclasses override ---------------------------------------------------------------------------
-    def layer_budgets(self, base: int, num_layers: int, prompt_length: int) -> list[int]:
-        """Tokens each layer keeps per head, from the policy's budget (PyramidKV-style policies vary it)."""
+    def layer_budgets(self, base: int, num_layers: int, prompt_length: int) -> list[int | list[int]]:
+        """Tokens each layer keeps per KV head, from the policy's budget: an int per layer, or a list with one int
+        per KV head (PyramidKV-style policies vary it by layer, RazorAttention-style ones by head)."""
         return [base] * num_layers
 
     def observe(self, state: LayerState, call, result) -> None:
@@ -115,7 +116,7 @@ class EvictingCache(KVCache):
     def wants(self, layer_idx: int) -> frozenset[str]:
         return self.policy.needs
 
-    def attention_mask(self, layer_idx: int) -> torch.Tensor | None:
+    def attention_mask(self, layer_idx: int, call) -> torch.Tensor | None:
         return self.layers[layer_idx].attention_mask()
 
     def after_attention(self, call, result) -> None:
@@ -136,9 +137,10 @@ class EvictingCache(KVCache):
         if not prefill and self.decode_steps % self.policy.every:
             return
         budget = self.budgets[call.layer]
-        for head in range(layer.num_heads):
-            if layer.held()[head] > budget:
-                self._evict(state, head, budget, call, result)
+        per_head = budget if isinstance(budget, list) else [budget] * layer.num_heads
+        for head, (held, limit) in enumerate(zip(layer.held(), per_head)):
+            if held > limit:
+                self._evict(state, head, limit, call, result)
 
     def _evict(self, state: LayerState, head: int, budget: int, call, result) -> None:
         layer = state.layer
