@@ -44,7 +44,8 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
         wb.load()
 
 
-def test_unknown_model_and_missing_path():
+def test_unknown_model_and_missing_path(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # fail fast instead of waiting on DNS
     with pytest.raises(wb.ModelLoadError, match="unknown model 'not-a-model'"):
         wb.load("not-a-model")
     with pytest.raises(wb.ModelLoadError, match="does not exist"):

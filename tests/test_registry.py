@@ -11,7 +11,8 @@ from workbench.registry import Component, Registry, param
 
 def test_reference_members_are_registered():
     assert wb.attention.available() == ["eager", "sdpa"]
-    assert wb.cache.available() == ["full", "h2o", "knorm", "pyramidkv", "snapkv", "streaming_llm", "tova"]
+    assert wb.cache.available() == ["cake", "d2o", "full", "h2o", "knorm", "kvmerger", "lazy_eviction", "mpcache",
+                                    "pyramidkv", "razor_attention", "sentence_kv", "snapkv", "streaming_llm", "tova"]
     assert wb.decode.available() == ["greedy", "sample"]
     assert wb.routers.available() == ["native"]
 

@@ -12,10 +12,7 @@ from workbench.attention.sdpa import SDPA
 from workbench.registry import Registry
 
 registry = Registry("attention", AttentionVariant)
-register = registry.register
-available = registry.available
-get = registry.get
-describe = registry.describe
+register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
 register(Eager)
 register(SDPA)

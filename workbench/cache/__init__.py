@@ -4,24 +4,30 @@
 """
 
 from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.cake import CAKE
+from workbench.cache.d2o import D2O
 from workbench.cache.eviction import EvictingCache, EvictionPolicy
 from workbench.cache.full import Full, FullCache
 from workbench.cache.h2o import H2O
 from workbench.cache.knorm import KNorm
+from workbench.cache.kvmerger import KVMerger
+from workbench.cache.lazy_eviction import LazyEviction
+from workbench.cache.mpcache import MPCache
 from workbench.cache.pyramidkv import PyramidKV
+from workbench.cache.razor_attention import RazorAttention
+from workbench.cache.sentence_kv import SentenceKV
 from workbench.cache.snapkv import SnapKV
 from workbench.cache.streaming_llm import StreamingLLM
 from workbench.cache.tova import TOVA
 from workbench.registry import Registry
 
 registry = Registry("cache", CachePolicy)
-register = registry.register
-available = registry.available
-get = registry.get
-describe = registry.describe
+register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
-for _policy in (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV):
+POLICIES = (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV, CAKE, LazyEviction, RazorAttention, KVMerger,
+            D2O, MPCache, SentenceKV)
+for _policy in POLICIES:
     register(_policy)
 
-__all__ = ["CachePolicy", "KVCache", "EvictingCache", "EvictionPolicy", "Full", "FullCache", "StreamingLLM", "H2O",
-           "SnapKV", "TOVA", "KNorm", "PyramidKV", "registry", "register", "available", "get", "describe"]
+__all__ = ["CachePolicy", "KVCache", "EvictingCache", "EvictionPolicy", "FullCache", "registry", "register",
+           "available", "get", "describe", "POLICIES", *(policy.__name__ for policy in POLICIES)]

@@ -6,10 +6,7 @@ from workbench.decode.sample import Sample
 from workbench.registry import Registry
 
 registry = Registry("decoder", Decoder)
-register = registry.register
-available = registry.available
-get = registry.get
-describe = registry.describe
+register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
 register(Greedy)
 register(Sample)

@@ -5,10 +5,7 @@ from workbench.routers.base import Router, moe_gates
 from workbench.routers.native import Native
 
 registry = Registry("router", Router)
-register = registry.register
-available = registry.available
-get = registry.get
-describe = registry.describe
+register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
 register(Native)
 

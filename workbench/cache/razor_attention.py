@@ -1,0 +1,155 @@
+"""`razor_attention`: retrieval heads keep everything; the other heads keep sinks, a local window and one
+compensation token holding the mean of every key and value they dropped.
+
+Retrieval heads are found once per model (`find_retrieval_heads`): the model reads a probe, `probe_length`
+random distinct tokens repeated twice, and each query in the second copy should attend to the token that
+followed its previous occurrence (induction, the copy behaviour retrieval relies on). A query head's score is
+the mean attention it pays to that token; a KV head gets the best score of its query heads (GQA: one retrieval
+query head needs the whole KV head). The top `retrieval_fraction` of (layer, KV head) pairs are retrieval heads.
+
+Every other KV head keeps `budget` tokens (or `ratio` of the prompt but at least sinks + window + 1, like the
+paper's buffer max(S0, N / C)): its `sinks`, the compensation token, and the most recent rest. A dropped token
+is folded into the compensation token, a running mean weighted by how many tokens each entry stands for; the
+trace's `cache_merged_into` names the compensation token's position.
+Simplifications: induction scoring only (the paper also protects "echo" heads); the compensation token is
+attended like any other key (the base offers no per-slot score bias for the number of tokens it stands for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.attention import use_attention
+from workbench.cache.eviction import EvictingCache, EvictionPolicy
+from workbench.errors import ParameterError
+from workbench.registry import param
+
+_HEAD_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> {(length, seed): scores}
+FULL = sys.maxsize  # a retrieval head's budget: never evicts
+
+
+@dataclass
+class RazorAttention(EvictionPolicy):
+    name = "razor_attention"
+    summary = ("Retrieval heads (found by an induction probe) keep the full cache; other heads keep sinks, a "
+               "local window and one compensation token averaging what they dropped.")
+    paper = ("RazorAttention: Efficient KV Cache Compression Through Retrieval Heads "
+             "(Tang et al., ICLR 2025)")
+
+    budget: int = param(128, "tokens a non-retrieval head keeps: sinks + compensation token + the most recent",
+                        min=2)
+    retrieval_fraction: float = param(0.15, "fraction of (layer, KV head) pairs kept whole as retrieval heads",
+                                      min=0.0, max=1.0)
+    probe_length: int = param(64, "random tokens in the probe (read twice) that scores the heads", min=4)
+    seed: int = param(0, "seed of the probe's random tokens", min=0)
+
+    retrieval_heads: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ratio is None and self.budget < self.sinks + self.window + 1:
+            raise ParameterError(f"cache 'razor_attention' budget {self.budget} leaves no room for the "
+                                 f"compensation token: it must be >= sinks + window + 1 "
+                                 f"({self.sinks} + {self.window} + 1)")
+
+    def build(self, model) -> EvictingCache:
+        heads = find_retrieval_heads(model, self.retrieval_fraction, self.probe_length, self.seed)
+        return self.build_for(model, heads)
+
+    def build_for(self, model, retrieval_heads: torch.Tensor) -> EvictingCache:
+        """A cache for `model` with given retrieval heads: bool (layers, kv_heads)."""
+        expected = (model.num_layers, model.num_kv_heads)
+        if tuple(retrieval_heads.shape) != expected:
+            raise ParameterError(f"retrieval heads must be a bool tensor of shape (layers, kv_heads) = {expected}; "
+                                 f"got {tuple(retrieval_heads.shape)}")
+        policy = dataclasses.replace(self)  # a copy for this run, bound to this model's heads
+        policy.retrieval_heads = retrieval_heads.bool().cpu()
+        return EvictingCache(model.config, policy)
+
+    def layer_budgets(self, base: int, num_layers: int, prompt_length: int) -> list[list[int]]:
+        base = max(base, self.sinks + self.window + 1)
+        return [[FULL if full else base for full in layer.tolist()] for layer in self.retrieval_heads]
+
+    def observe(self, state, call, result) -> None:
+        held = state.layer.held()  # per entry: how many tokens it stands for (1, more for a compensation token)
+        if state.head_scores is None:
+            state.head_scores = [torch.zeros(0, device=call.query.device) for _ in held]
+        for head, n in enumerate(held):
+            counts = state.head_scores[head]
+            state.head_scores[head] = torch.cat([counts, counts.new_ones(n - counts.shape[0])])
+
+    def score(self, state, head, call, result) -> torch.Tensor:
+        positions = state.layer.head_positions[head].float()  # recency; the compensation token always stays
+        return torch.where(state.head_scores[head] > 1, torch.inf, positions)
+
+    def merge(self, state, head, keep, drop) -> torch.Tensor:
+        layer, counts = state.layer, state.head_scores[head]
+        positions = layer.head_positions[head]
+        n = positions.shape[0]
+        free = keep[(positions[keep] >= self.sinks) & (keep < n - self.window)]
+        into = int(free.min())  # the oldest unprotected kept entry: the compensation token
+        weights = torch.cat([counts[into:into + 1], counts[drop]])
+        for store in (layer.head_keys[head], layer.head_values[head]):
+            rows = torch.cat([store[into:into + 1], store[drop]]).float()
+            store[into] = ((weights[:, None] * rows).sum(0) / weights.sum()).to(store.dtype)
+        counts[into] = weights.sum()
+        return torch.full_like(drop, int(positions[into]))
+
+
+def induction_scores(probs: torch.Tensor, length: int, groups: int) -> torch.Tensor:
+    """(kv_heads,) from one layer's attention rows (heads, 2 * length, 2 * length) over a probe read twice: per
+    query head the mean attention of the second copy's queries to the token after their previous occurrence,
+    then the best query head of each KV group."""
+    queries = torch.arange(length, 2 * length, device=probs.device)
+    copied = probs[:, queries, queries - length + 1].mean(-1)  # (heads,)
+    return copied.view(-1, groups).amax(-1)
+
+
+def retrieval_head_scores(model, probe_length: int = 64, seed: int = 0) -> torch.Tensor:
+    """(layers, kv_heads) induction scores of `model`, computed once per model and probe, then cached."""
+    per_model = _HEAD_SCORES.setdefault(model.hf, {})
+    if (probe_length, seed) not in per_model:
+        vocab = min(model.text_config.vocab_size, len(model.tokenizer))
+        special = set(model.tokenizer.all_special_ids)
+        pool = [t for t in torch.randperm(vocab, generator=torch.Generator().manual_seed(seed)).tolist()
+                if t not in special]
+        if len(pool) < probe_length:
+            raise ParameterError(f"probe_length {probe_length} exceeds the {len(pool)} distinct ordinary tokens "
+                                 "of the vocabulary")
+        ids = torch.tensor([pool[:probe_length] * 2], device=model.device)
+        probe = _InductionProbe(probe_length, model.num_layers, model.num_kv_heads)
+        with torch.inference_mode(), use_attention(model.hf, "eager", observer=probe):
+            model.hf(input_ids=ids, use_cache=False)
+        per_model[(probe_length, seed)] = probe.scores
+    return per_model[(probe_length, seed)]
+
+
+def find_retrieval_heads(model, retrieval_fraction: float = 0.15, probe_length: int = 64,
+                         seed: int = 0) -> torch.Tensor:
+    """Bool (layers, kv_heads): the top `retrieval_fraction` of KV heads by induction score (at least one when
+    the fraction is above zero)."""
+    scores = retrieval_head_scores(model, probe_length, seed)
+    count = math.ceil(retrieval_fraction * scores.numel())
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    chosen[torch.topk(scores.flatten(), count).indices] = True
+    return chosen.view_as(scores)
+
+
+class _InductionProbe:
+    """An attention observer that keeps each layer's induction scores, not its attention rows."""
+
+    def __init__(self, length: int, num_layers: int, num_kv_heads: int):
+        self.length = length
+        self.scores = torch.zeros(num_layers, num_kv_heads)
+
+    def wants(self, layer: int) -> frozenset[str]:
+        return frozenset({"probs"})
+
+    def observe(self, call, result) -> None:
+        self.scores[call.layer] = induction_scores(result.probs[0], self.length, call.groups).float().cpu()
