@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup demo test test-fast bench lab clean
+.PHONY: setup demo test test-fast test-browser bench lab clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest tests -m "not embedded"
+
+# JupyterLab + the quickstart in headless Chromium alone (needs Debian's chromium: apt-get install chromium;
+# .ci/run installs it); screenshots land in test-artifacts/browser/
+test-browser: setup
+	$(BIN)/pytest tests/test_browser.py
 
 bench: setup
 	$(BIN)/python bench/generate.py

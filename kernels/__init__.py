@@ -6,7 +6,10 @@ Tests run every kernel against its reference under TRITON_INTERPRET=1 on CPU (se
 """
 
 from workbench.kernels.dispatch import HAS_TRITON, use_triton
+from workbench.kernels.flash_attention import (FlashOutput, flash_attention, flash_attention_reference,
+                                               flash_attention_triton)
 from workbench.kernels.softmax_entropy import (softmax_entropy, softmax_entropy_reference,
                                                softmax_entropy_triton)
 
-__all__ = ["HAS_TRITON", "use_triton", "softmax_entropy", "softmax_entropy_reference", "softmax_entropy_triton"]
+__all__ = ["HAS_TRITON", "use_triton", "softmax_entropy", "softmax_entropy_reference", "softmax_entropy_triton",
+           "FlashOutput", "flash_attention", "flash_attention_reference", "flash_attention_triton"]

@@ -16,8 +16,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def refresh(path: Path) -> None:
+    # widget state is not stored: widget cells keep no outputs (strip-output), so it would only be churn
     subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-                    str(path)], check=True, cwd=HERE)
+                    "--ExecutePreprocessor.store_widget_state=False", str(path)], check=True, cwd=HERE)
     notebook = json.loads(path.read_text())
     for cell in notebook["cells"]:
         if "strip-output" in cell.get("metadata", {}).get("tags", []):

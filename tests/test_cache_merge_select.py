@@ -11,6 +11,7 @@ import torch
 import workbench as wb
 from workbench.attention import reference, use_attention
 from workbench.attention.base import AttentionCall, AttentionResult
+from workbench.cache.testing import fake_module, filled_cache
 
 NAMES = ["kvmerger", "d2o", "mpcache", "sentence_kv"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens, 3 sentences on the tiny models
@@ -19,30 +20,16 @@ EVERYTHING = {"kvmerger": {"budget": 400}, "d2o": {"budget": 400},
               "sentence_kv": {"top_sentences": 100}}
 
 
-class FakeModule:
-    layer_idx = 0
-    num_key_value_groups = 2
-
-
 @pytest.fixture(scope="module")
 def one_layer():
     """A tiny GQA model (4 query heads over 2 KV heads) with a single layer: the prefill's last layer is layer 0."""
     return wb.tiny("llama", num_hidden_layers=1)
 
 
-def filled_cache(model, policy, keys, values=None):
-    """A cache of `policy` whose layer 0 holds `keys` (kv_heads, n, head_dim), as after the prompt's update."""
-    cache = policy.build(model)
-    cache.bridged = True
-    values = torch.randn_like(keys) if values is None else values
-    cache.update(keys[None], values[None], 0)
-    return cache
-
-
 def call_for(cache, query):
     """Layer 0's attention call for `query` (heads, q, head_dim) over what the cache holds, with its mask."""
     keys, values = cache.layers[0].stacked()
-    call = AttentionCall(0, query[None], keys, values, None, query.shape[-1] ** -0.5, FakeModule())
+    call = AttentionCall(0, query[None], keys, values, None, query.shape[-1] ** -0.5, fake_module(groups=2))
     call.mask = cache.attention_mask(0, call)
     return call
 

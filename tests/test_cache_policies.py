@@ -7,30 +7,16 @@ import torch
 import workbench as wb
 from workbench.attention import reference
 from workbench.attention.base import AttentionCall, AttentionResult
+from workbench.cache.testing import fake_module, filled_cache
 
 POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "pyramidkv"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 
 
-class FakeModule:
-    layer_idx = 0
-    num_key_value_groups = 1
-
-
-def filled_cache(model, policy, keys, values=None):
-    """A cache of `policy` whose layer 0 holds `keys` (kv_heads, n, head_dim), as after a prefill."""
-    cache = policy.build(model)
-    cache.bridged = True
-    values = torch.randn_like(keys) if values is None else values
-    cache.update(keys[None], values[None], 0)
-    return cache
-
-
 def call_for(cache, query, keys, values):
     """The attention call layer 0 would see for `query` (heads, q, head_dim) over what the cache returned."""
     groups = query.shape[0] // keys.shape[0]
-    module = FakeModule()
-    module.num_key_value_groups = groups
+    module = fake_module(groups=groups)
     call = AttentionCall(0, query[None], keys[None], values[None], None, keys.shape[-1] ** -0.5, module)
     call.mask = cache.attention_mask(0, call)
     return call

@@ -34,17 +34,39 @@ def test_json_summary_and_trace(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--attention", "nope"], "error: unknown attention 'nope'; registered: eager, sdpa"),
+    (["--attention", "nope"], "error: unknown attention 'nope'; registered: " + ", ".join(wb.attention.available())),
     (["--budget", "128"], "error: cache 'full' has no parameter 'budget'; its parameters: none"),
     (["--set", "decoder.temperature"], "error: --set takes FAMILY.PARAM=VALUE"),
     (["--set", "widget.size=3"], "error: --set 'widget.size=3': unknown family 'widget'"),
     (["--record", "experts"], "error: cannot record 'experts'"),
     (["--max-new-tokens", "-3"], "error: max_new_tokens must be an integer >= 0"),
+    (["--report", "run.pdf"], "error: a report is an HTML file: give a path ending in .html, got 'run.pdf'"),
 ])
 def test_errors_are_one_line_and_non_zero(capsys, argv, message):
     assert main(["run", "--prompt", "hello", *TINY, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_report_records_what_its_plots_need(capsys, tmp_path):
+    path = tmp_path / "run.html"
+    assert main(["run", "--prompt", "hello", *TINY, "--max-new-tokens", "4", "--report", str(path)]) == 0
+    assert f"report written to {path}" in capsys.readouterr().out
+    page = path.read_text(encoding="utf-8")
+    for plot in ("entropy_curve", "cache_bytes", "attention_pattern layer 0 head 0",
+                 "attention_pattern layer 1 head 0"):  # the tiny model's first and last layers
+        assert f"<h3>{plot}</h3>" in page
+    assert "<th>record</th><td>[&quot;attention&quot;, &quot;cache&quot;, &quot;entropy&quot;]</td>" in page
+
+
+def test_report_keeps_the_records_the_user_chose(capsys, tmp_path):
+    path = tmp_path / "run.html"
+    assert main(["run", "--prompt", "hello", *TINY, "--max-new-tokens", "3", "--record", "entropy", "--json",
+                 "--report", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == str(path)
+    page = path.read_text(encoding="utf-8")
+    assert "<h3>entropy_curve</h3>" in page
+    assert "<h3>attention_pattern" not in page and "<h3>cache_bytes</h3>" not in page
 
 
 def test_list_shows_every_component(capsys):
@@ -68,4 +90,4 @@ def test_installed_command_on_the_embedded_model(embedded):
     bad = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--prompt", "hi", "--attention", "nope"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: unknown attention 'nope'; registered: eager, sdpa"
+    assert bad.stderr.strip() == "error: unknown attention 'nope'; registered: " + ", ".join(wb.attention.available())

@@ -10,7 +10,8 @@ from workbench.registry import Component, Registry, param
 
 
 def test_reference_members_are_registered():
-    assert wb.attention.available() == ["eager", "sdpa"]
+    assert wb.attention.available() == ["block_sparse", "eager", "entropy_guided", "flash", "hybrid", "mpcvit", "pbs",
+                                        "sdpa", "sink_window", "sliding_window", "topk_retrieval"]
     assert wb.cache.available() == ["cake", "d2o", "full", "h2o", "knorm", "kvmerger", "lazy_eviction", "mpcache",
                                     "pyramidkv", "razor_attention", "sentence_kv", "snapkv", "streaming_llm", "tova"]
     assert wb.decode.available() == ["greedy", "sample"]
@@ -18,7 +19,7 @@ def test_reference_members_are_registered():
 
 
 def test_unknown_name_lists_registered_members():
-    with pytest.raises(wb.UnknownComponentError, match="unknown attention 'nope'; registered: eager, sdpa"):
+    with pytest.raises(wb.UnknownComponentError, match="unknown attention 'nope'; registered: block_sparse, eager, "):
         wb.attention.get("nope")
     with pytest.raises(wb.UnknownComponentError, match="registered: greedy, sample"):
         wb.decode.get("beam")

@@ -85,3 +85,26 @@ def test_bad_record_requests_fail_clearly(tiny_llama):
         wb.generate(tiny_llama, PROMPT, record={"attention": {"layers": [7]}})
     with pytest.raises(wb.ParameterError, match="takes 'layers' and 'heads'"):
         wb.generate(tiny_llama, PROMPT, record={"attention": {"rows": [1]}})
+
+
+@pytest.mark.parametrize("policy", ["h2o", "pyramidkv"])
+def test_attention_rows_of_evicting_caches_are_over_positions(tiny_models, policy):
+    """Attention rows are recorded over token positions, not cache slots: evicted positions get no attention,
+    and layers holding different numbers of tokens (pyramidkv) still line up."""
+    model = tiny_models["llama"]
+    cache = wb.cache.get(policy, budget=12, window=4)
+    run = wb.generate(model, PROMPT, cache=cache, max_new_tokens=5, ignore_eos=True, record=["attention", "cache"])
+    full = wb.generate(model, PROMPT, max_new_tokens=1, record=["attention"])
+    trace = run.trace
+    # the prefill attends before anything is evicted: the same rows as with the full cache
+    n_prompt = len(run.prompt_ids)
+    np.testing.assert_allclose(trace["prompt_attention"].values[..., :n_prompt],
+                               full.trace["prompt_attention"].values[..., :n_prompt], atol=1e-6)
+    evicted_at = trace["cache_evicted_at"].values  # (layer, kv_head, position)
+    for step in range(1, 5):
+        row = trace["attention"].isel(step=step).values  # (layer, head, position)
+        seen = row[..., :n_prompt + step]
+        np.testing.assert_allclose(seen.sum(-1), 1.0, atol=1e-5)
+        gone = (evicted_at >= 0) & (evicted_at < step)  # evicted by an earlier step
+        gone_per_head = gone[:, trace["kv_head_of"].values, :n_prompt + step]
+        assert gone_per_head.any() and (seen[gone_per_head] == 0).all()

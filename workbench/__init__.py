@@ -20,3 +20,16 @@ FAMILIES = {"attention": attention, "cache": cache, "decoder": decode, "router":
 __all__ = ["attention", "cache", "decode", "routers", "FAMILIES", "Model", "load", "tiny", "wrap", "generate",
            "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError", "UnknownComponentError",
            "ParameterError", "PromptError", "ModelLoadError", "__version__"]
+
+
+def __getattr__(name: str):
+    """`wb.viz`, `wb.report` and `wb.Workbench` import HoloViews/ipywidgets on first use, not at `import workbench`."""
+    if name in ("viz", "report", "widgets"):
+        import importlib
+
+        return importlib.import_module(f"workbench.{name}")
+    if name == "Workbench":
+        from workbench.widgets import Workbench
+
+        return Workbench
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

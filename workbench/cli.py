@@ -29,9 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="FAMILY.PARAM=VALUE",
                      help="set a component parameter, e.g. --set decoder.temperature=0.7 (repeatable)")
     run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--record", default="entropy,cache",
-                     help="comma-separated records to keep in the trace (entropy, attention, logits, cache)")
+    run.add_argument("--record", default=None,
+                     help="comma-separated records to keep in the trace (entropy, attention, logits, cache); "
+                          "default entropy,cache, and with --report also the attention rows of the first and last "
+                          "layers' head 0")
     run.add_argument("--trace", default=None, metavar="PATH", help="save the trace as netCDF")
+    run.add_argument("--report", default=None, metavar="PATH",
+                     help="write a self-contained HTML report (configuration, text, summary, plots; works offline)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary instead of text")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default by device)")
@@ -98,13 +102,17 @@ def component_params(args) -> dict[str, dict[str, str]]:
 
 def run_command(args) -> int:
     import workbench as wb
-    from workbench.run.result import entropy_summary_line
+    from workbench.run.result import entropy_summary_line, fidelity_summary_line
 
     params = component_params(args)
     components = {family: wb.FAMILIES[family].get(getattr(args, family), **params[family])
                   for family in FAMILY_FLAGS}  # checked before the model loads: bad input fails fast
-    record = [r.strip() for r in args.record.split(",") if r.strip()]
+    if args.report:
+        from workbench.report import check_report_path
+
+        check_report_path(args.report)
     model = _load(args)
+    record = _record(args, model)
     prompt = args.prompt
     if not args.raw and getattr(model.tokenizer, "chat_template", None):
         prompt = [{"role": "user", "content": args.prompt}]
@@ -117,9 +125,14 @@ def run_command(args) -> int:
                       max_new_tokens=args.max_new_tokens, stream=None if args.json else show)
     if args.trace:
         run.save(args.trace)
+    if args.report:
+        from workbench.report import write_report
+
+        write_report(run, args.report)
     if args.json:
         summary = run.summary()
         summary["trace"] = args.trace
+        summary["report"] = args.report
         print(json.dumps(summary, indent=2, default=str))
         return 0
     print()
@@ -129,9 +142,24 @@ def run_command(args) -> int:
     evicted = int((run.trace["cache_evicted_at"] >= 0).sum()) if "cache_evicted_at" in run.trace else 0
     print(f"cache: peak {run.peak_cache_bytes / 2**20:.2f} MiB, {evicted} entries evicted ({components['cache']})")
     print(entropy_summary_line(run))
+    if "fidelity" in record:
+        print(fidelity_summary_line(run))
     if args.trace:
         print(f"trace saved to {args.trace}")
+    if args.report:
+        print(f"report written to {args.report}")
     return 0
+
+
+def _record(args, model):
+    """What the trace keeps: --record when given; else entropy and cache, plus for --report the attention rows
+    its attention-pattern plots show (first and last layer, head 0: small, unlike every row of every head)."""
+    if args.record is not None:
+        return [r.strip() for r in args.record.split(",") if r.strip()]
+    if args.report:
+        return {"entropy": True, "cache": True,
+                "attention": {"layers": sorted({0, model.num_layers - 1}), "heads": [0]}}
+    return ["entropy", "cache"]
 
 
 def _load(args):

@@ -32,6 +32,12 @@ class AttentionCall:
     scaling: float
     module: Any  # the transformers attention module (has layer_idx, num_key_value_groups, ...)
     kwargs: dict = field(default_factory=dict)  # the rest of what transformers passed (dropout, softcap, ...)
+    # query heads whose attention rows ("probs") the observer keeps; None = all. A variant may compute rows for
+    # these heads only (then `AttentionResult.probs` has len(probs_heads) heads), keeping memory linear elsewhere.
+    probs_heads: tuple[int, ...] | None = None
+    # (kv_heads, k_len) long: the token position in each key slot (-1: padding) when the cache evicted or
+    # reordered tokens; None when slot i holds position i. Set by the bridge for observers of attention rows.
+    slot_positions: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -43,7 +49,7 @@ class AttentionCall:
 class AttentionResult:
     output: torch.Tensor  # (batch, q_len, heads, head_dim): the layout transformers expects back
     entropy: torch.Tensor | None = None  # (batch, heads, q_len) float32, Shannon entropy (nats) of each row
-    probs: torch.Tensor | None = None  # (batch, heads, q_len, k_len) float32 attention rows
+    probs: torch.Tensor | None = None  # (batch, heads or len(call.probs_heads), q_len, k_len) float32 rows
     key_mass: torch.Tensor | None = None  # (batch, kv_heads, k_len) float32 attention received per key
 
 

@@ -17,17 +17,23 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from workbench.attention.base import AttentionCall, AttentionResult, AttentionVariant
+from workbench.attention.fidelity import attention_fidelity, kept_keys
 from workbench.errors import WorkbenchError
 
 IMPLEMENTATION = "workbench"
+FIDELITY = "fidelity"  # an observer asking for this gets recall and output error against dense attention
 
 
 class AttentionObserver(Protocol):
     def wants(self, layer: int) -> frozenset[str]:
-        """Which statistics ("entropy", "probs") to compute for this layer; empty for none."""
+        """Which statistics ("entropy", "probs", "key_mass") to compute for this layer, and "fidelity" for a
+        comparison with dense attention; empty for none."""
 
     def observe(self, call: AttentionCall, result: AttentionResult) -> None:
         """Receive a layer's result (called only when `wants(layer)` was not empty)."""
+
+    def observe_fidelity(self, call: AttentionCall, recall, output_error) -> None:
+        """Receive a layer's fidelity against dense attention (called when `wants(layer)` has "fidelity")."""
 
 
 @dataclass
@@ -50,14 +56,25 @@ def workbench_attention(module, query, key, value, attention_mask, scaling=None,
                          scaling if scaling is not None else query.shape[-1] ** -0.5, module, kwargs)
     observer, cache = binding.observer, binding.cache
     want = observer.wants(layer) if observer is not None else frozenset()
+    fidelity = FIDELITY in want
+    want = want - {FIDELITY}
+    if "probs" in want and hasattr(observer, "probs_heads"):
+        call.probs_heads = observer.probs_heads(layer)
     if cache is not None:
-        want = want | cache.wants(layer)
+        cache_wants = cache.wants(layer)
+        if "probs" in cache_wants:
+            call.probs_heads = None  # the cache needs every head's rows
+        want = want | cache_wants
+        if "probs" in want:
+            call.slot_positions = cache.slot_positions(layer)
         slots = cache.attention_mask(layer, call)  # per KV head, when heads hold or select different tokens
         if slots is not None:
             call.mask = slots.repeat_interleave(call.groups, dim=1)
     result = binding.variant.attend(call, want)
     if observer is not None and want:
         observer.observe(call, result)
+    if fidelity:  # a dense recomputation of the same call: what the variant changed
+        observer.observe_fidelity(call, *attention_fidelity(call, result.output, kept_keys(binding.variant, call)))
     if cache is not None:
         cache.after_attention(call, result)
     return result.output, None

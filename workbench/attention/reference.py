@@ -4,6 +4,8 @@ O(chunk x keys) rather than O(queries x keys)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from workbench.attention.base import AttentionCall
@@ -75,3 +77,18 @@ def group_key_mass(probs: torch.Tensor, groups: int) -> torch.Tensor:
     """(batch, heads, q, k) attention rows -> (batch, kv_heads, k): mass each key got from its group's queries."""
     batch, heads, _, keys = probs.shape
     return probs.sum(dim=2).view(batch, heads // groups, groups, keys).sum(dim=2)
+
+
+def head_rows(call: AttentionCall, heads: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Attention rows (batch, len(heads), q_len, k_len) float32 for the given query heads only (None = all):
+    a dense recomputation of just those heads, so a fused path that keeps a few heads' rows stays linear in
+    memory for the rest."""
+    if heads is None:
+        heads = tuple(range(call.query.shape[1]))
+    kv_heads = [h // call.groups for h in heads]
+    mask = call.mask
+    if mask is not None and mask.shape[1] > 1:
+        mask = mask[:, list(heads)]
+    one_head_each = dataclasses.replace(call, query=call.query[:, list(heads)], key=call.key[:, kv_heads],
+                                        value=call.value[:, kv_heads], mask=mask, probs_heads=None)
+    return dense_attention(one_head_each, frozenset({"probs"}), with_output=False)[1]["probs"]

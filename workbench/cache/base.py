@@ -58,6 +58,11 @@ class KVCache(DynamicCache):
         """(layer, kv_head, evicted positions, merged-into positions or None) since the last call."""
         return []
 
+    def slot_positions(self, layer_idx: int) -> torch.Tensor | None:
+        """Long (kv_heads, k_len): the token position held in each key slot the layer's attention sees (-1 for
+        padding), or None when slot i simply holds position i (nothing was evicted or reordered)."""
+        return None
+
     def positions(self, layer_idx: int) -> torch.Tensor:
         """Long tensor (kv_heads, n): the absolute positions of the tokens a layer keeps, per KV head."""
         layer = self.layers[layer_idx]

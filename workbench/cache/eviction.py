@@ -112,6 +112,9 @@ class EvictingCache(KVCache):
         """Per KV head, the absolute positions the layer keeps (heads may differ in count)."""
         return list(self.layers[layer_idx].head_positions)
 
+    def slot_positions(self, layer_idx: int) -> torch.Tensor:
+        return self.layers[layer_idx].slot_positions()
+
     # -- the attention bridge's hooks ---------------------------------------------------------------------
     def wants(self, layer_idx: int) -> frozenset[str]:
         return self.policy.needs

@@ -83,6 +83,10 @@ class HeadwiseLayer(CacheLayerMixin):
         """Keys and values as (1, kv_heads, n_max, head_dim); shorter heads are zero-padded at the end."""
         return _pad_stack(self.head_keys)[None], _pad_stack(self.head_values)[None]
 
+    def slot_positions(self) -> torch.Tensor:
+        """Long (kv_heads, n_max): the position each slot of `stacked()` holds, -1 for padding."""
+        return _pad_stack([p[:, None] for p in self.head_positions], fill=-1)[..., 0]
+
     def attention_mask(self) -> torch.Tensor | None:
         """Bool (1, kv_heads, q_len, n_max) for the latest update's queries: a slot is visible when it holds a
         token and that token's position is not after the query's. None when plain attention is already right
@@ -92,7 +96,7 @@ class HeadwiseLayer(CacheLayerMixin):
         n_max = max(held)
         if len(set(held)) == 1 and (len(queries) == 1 or len(queries) == n_max):
             return None
-        positions = _pad_stack([p[:, None] for p in self.head_positions], fill=-1)[..., 0]  # (heads, n_max)
+        positions = self.slot_positions()
         visible = (positions[:, None, :] >= 0) & (positions[:, None, :] <= queries[None, :, None])
         return visible[None]
 

@@ -20,6 +20,7 @@ from workbench.attention import use_attention
 from workbench.errors import ParameterError, PromptError, WorkbenchError
 from workbench.models import Model
 from workbench.models.model import Messages
+from workbench.run.fidelity import dense_log_probs, kl_divergence
 from workbench.run.result import Run, StepEvent
 from workbench.trace import Recorder, RecordSpec, build_dataset
 
@@ -35,8 +36,9 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
                   model's chat template
     attention, cache, decoder, router -- a registered name ("sdpa") or a built component
                   (workbench.cache.get("full")); see workbench.<family>.available()
-    record     -- what the trace keeps: any of "entropy", "attention", "logits", "cache" (nothing by default;
-                  nothing recorded costs nothing)
+    record     -- what the trace keeps: any of "entropy", "attention", "logits", "cache", "fidelity" (nothing by
+                  default; nothing recorded costs nothing; "fidelity" compares with dense attention and a dense
+                  full-cache replay, which costs a dense recomputation per layer and one extra forward pass)
     stream     -- called with a StepEvent as soon as each token is chosen (live text and plots)
     progress   -- show a progress bar over the new tokens
     ignore_eos -- keep generating past end-of-sequence tokens (benchmarks that need a fixed length)
@@ -65,6 +67,9 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
         stop_ids = set() if ignore_eos else model.eos_token_ids
         generated, step_seconds, peak_bytes, finish = _loop(model, prompt_ids, components, recorder,
                                                             max_new_tokens, stop_ids, stream, progress)
+    if "fidelity" in spec.names and generated:
+        dense = dense_log_probs(model, prompt_ids, generated).cpu()
+        recorder.kl_vs_dense = kl_divergence(dense, torch.stack(recorder.steps["log_probs"])).numpy()
     prompt_list = prompt_ids[0].tolist()
     config.update(finish_reason=finish, prompt_tokens=len(prompt_list))
     trace = build_dataset(recorder, prompt_tokens=model.token_strings(prompt_list),

@@ -78,6 +78,8 @@ class Run:
             out["entropy"] = {"mean": float(entropy.mean()), "max": float(entropy.max()),
                               "argmax_step": int(entropy.argmax()),
                               "attention_mean_by_layer": [round(float(v), 4) for v in attention]}
+        if "kl_vs_dense" in self.trace and self.trace.sizes["step"]:
+            out["fidelity"] = fidelity_summary(self.trace)
         return out
 
     def __repr__(self) -> str:
@@ -95,3 +97,22 @@ def entropy_summary_line(run: Run) -> str:
             f"{int(np.argmax(entropy))} ({run.tokens[int(np.argmax(entropy))]!r}); attention entropy by layer: "
             f"lowest layer {int(layer_means.argmin())} ({layer_means.min():.2f}), "
             f"highest layer {int(layer_means.argmax())} ({layer_means.max():.2f})")
+
+
+def fidelity_summary(trace: xr.Dataset) -> dict[str, float]:
+    """Mean/min attention recall, mean output error and mean/max KL against the dense run."""
+    recall = trace["attention_recall"].values
+    finite = recall[np.isfinite(recall)]
+    kl = trace["kl_vs_dense"].values
+    return {"recall_mean": float(finite.mean()) if finite.size else float("nan"),
+            "recall_min": float(finite.min()) if finite.size else float("nan"),
+            "output_error_mean": float(trace["attention_output_error"].values.mean()),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+
+
+def fidelity_summary_line(run: Run) -> str:
+    if "kl_vs_dense" not in run.trace or not run.trace.sizes["step"]:
+        return "fidelity: not recorded (record=['fidelity'])"
+    f = fidelity_summary(run.trace)
+    return (f"fidelity vs dense: attention recall mean {f['recall_mean']:.3f} (min {f['recall_min']:.3f}), "
+            f"output error {f['output_error_mean']:.3f}, KL mean {f['kl_mean']:.4f} / max {f['kl_max']:.4f} nats")

@@ -77,6 +77,16 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
                 merged_into[layer, head, positions] = merged
         data["cache_evicted_at"] = (("layer", "kv_head", "position"), evicted_at)
         data["cache_merged_into"] = (("layer", "kv_head", "position"), merged_into)
+    if "fidelity" in names:
+        per_head = ("step", "layer", "head")
+        empty = (0, recorder.num_layers, recorder.num_heads)
+        data["attention_recall"] = (per_head, _stack(steps["attention_recall"], empty))
+        data["attention_output_error"] = (per_head, _stack(steps["attention_output_error"], empty))
+        if recorder.prompt_attention_recall is not None:
+            coords["query"] = np.arange(n_prompt)
+            data["prompt_attention_recall"] = (("layer", "head", "query"), recorder.prompt_attention_recall)
+        kl = recorder.kl_vs_dense if recorder.kl_vs_dense is not None else np.zeros(0)
+        data["kl_vs_dense"] = ("step", kl.astype(np.float32))
     dataset = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
     _describe_variables(dataset)
     return dataset
@@ -105,6 +115,12 @@ DESCRIPTIONS = {
     "cache_tokens": ("tokens", "tokens held per layer and KV head after this step"),
     "cache_evicted_at": ("step", "the step during which the cache evicted this position (-1: never evicted)"),
     "cache_merged_into": ("position", "the kept position an evicted entry was merged into (-1: dropped, or kept)"),
+    "attention_recall": ("fraction", "share of dense attention mass on the keys the variant kept (mean over the "
+                                     "step's queries; NaN for variants without a kept set)"),
+    "attention_output_error": ("relative L2", "|attention output - dense output| / |dense output| (mean over the "
+                                              "step's queries)"),
+    "prompt_attention_recall": ("fraction", "attention recall of each prompt query row (prefill)"),
+    "kl_vs_dense": ("nats", "KL(dense full-cache model || this run) of the next-token distribution at this step"),
 }
 
 

@@ -20,6 +20,8 @@ RECORDABLE = {
     "attention": "attention rows over positions per step for chosen layers and heads, and the prompt's matrix",
     "logits": "the full next-token logits at every step",
     "cache": "bytes the KV cache holds, tokens held per layer and KV head, and which positions were evicted when",
+    "fidelity": "against dense attention and a dense full-cache run: attention recall and output error per step, "
+                "layer and head, and the KL divergence of each step's next-token distribution",
 }
 
 
@@ -76,6 +78,17 @@ def _indices(value) -> tuple[int, ...] | None:
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
+def by_position(probs: torch.Tensor, slot_positions: torch.Tensor | None, heads, groups: int) -> torch.Tensor:
+    """Attention rows over key slots (heads, queries, slots) -> over token positions (heads, queries, positions up
+    to the latest one held). Evicted positions get 0: they received no attention."""
+    if slot_positions is None:
+        return probs
+    positions = slot_positions.to(probs.device).repeat_interleave(groups, dim=0)[list(heads)]  # (heads, slots)
+    out = probs.new_zeros(probs.shape[0], probs.shape[1], int(positions.max()) + 1)
+    index = positions.clamp_min(0)[:, None, :].expand_as(probs)
+    return out.scatter_add_(2, index, torch.where(positions[:, None, :] >= 0, probs, 0.0))
+
+
 class Recorder:
     """Collects one run's records step by step, as numpy arrays on the CPU."""
 
@@ -92,27 +105,46 @@ class Recorder:
                 want.add("entropy")
             if "attention" in spec.names and layer in self.attention_layers:
                 want.add("probs")
+            if "fidelity" in spec.names:
+                want.add("fidelity")
             self._wants[layer] = frozenset(want)
         self.observes_attention = any(self._wants.values())
         self._entropy: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (heads, queries)
         self._probs: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (chosen heads, queries, keys)
+        self._recall: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (heads, queries)
+        self._output_error: dict[int, torch.Tensor] = {}
         self.steps: dict[str, list] = {name: [] for name in
                                        ("step_seconds", "entropy", "attention_entropy", "attention", "logits",
-                                        "cache_bytes", "cache_tokens")}
+                                        "cache_bytes", "cache_tokens", "attention_recall",
+                                        "attention_output_error", "log_probs")}
+        self.kl_vs_dense: np.ndarray | None = None  # (steps,), filled after the run by the dense replay
         # (step, layer, kv_head, evicted positions, positions they were merged into or None)
         self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         self.prompt_attention_entropy: np.ndarray | None = None  # (layers, heads, prompt queries)
         self.prompt_attention: np.ndarray | None = None  # (chosen layers, chosen heads, prompt queries, keys)
+        self.prompt_attention_recall: np.ndarray | None = None  # (layers, heads, prompt queries)
 
     # -- the attention observer protocol -------------------------------------------------------------------
     def wants(self, layer: int) -> frozenset[str]:
         return self._wants.get(layer, frozenset())
 
+    def probs_heads(self, layer: int) -> tuple[int, ...] | None:
+        """The query heads whose attention rows are kept (None: all of them)."""
+        return None if self.spec.attention_heads is None else self.attention_heads
+
     def observe(self, call, result) -> None:
         if result.entropy is not None:
             self._entropy[call.layer] = result.entropy[0].float()
         if result.probs is not None:
-            self._probs[call.layer] = result.probs[0, list(self.attention_heads)].float()
+            probs = result.probs[0]
+            if probs.shape[0] != len(self.attention_heads):  # the variant computed every head's rows
+                probs = probs[list(self.attention_heads)]
+            self._probs[call.layer] = by_position(probs.float(), call.slot_positions, self.attention_heads,
+                                                  call.groups)
+
+    def observe_fidelity(self, call, recall: torch.Tensor, output_error: torch.Tensor) -> None:
+        self._recall[call.layer] = recall[0].float()
+        self._output_error[call.layer] = output_error[0].float()
 
     # -- after every forward pass --------------------------------------------------------------------------
     def end_step(self, logits: torch.Tensor, cache, seconds: float, prefill: bool) -> dict[str, Any]:
@@ -131,7 +163,10 @@ class Recorder:
             records["attention_entropy"] = rows[:, :, -1]
             self.steps["attention_entropy"].append(records["attention_entropy"])
         if "attention" in names:
-            rows = torch.stack([self._probs[layer] for layer in self.attention_layers]).cpu().numpy()
+            layers = [self._probs[layer] for layer in self.attention_layers]
+            width = max(rows.shape[-1] for rows in layers)  # layers may hold different key counts
+            rows = torch.stack([torch.nn.functional.pad(rows, (0, width - rows.shape[-1])) for rows in layers])
+            rows = rows.cpu().numpy()
             if prefill:
                 self.prompt_attention = rows
             records["attention"] = rows[:, :, -1, :]
@@ -139,6 +174,17 @@ class Recorder:
         if "logits" in names:
             records["logits"] = logits.cpu().numpy()
             self.steps["logits"].append(records["logits"])
+        if "fidelity" in names:
+            recall = torch.stack([self._recall[layer] for layer in range(self.num_layers)]).cpu().numpy()
+            error = torch.stack([self._output_error[layer] for layer in range(self.num_layers)]).cpu().numpy()
+            if prefill:
+                self.prompt_attention_recall = recall
+            # a step's value is the mean over its query rows (all prompt rows at the prefill)
+            records["attention_recall"] = recall.mean(-1)
+            records["attention_output_error"] = error.mean(-1)
+            self.steps["attention_recall"].append(records["attention_recall"])
+            self.steps["attention_output_error"].append(records["attention_output_error"])
+            self.steps["log_probs"].append(torch.log_softmax(logits.float(), -1).cpu())
         events = cache.drain_events()  # drained every step so they never pile up
         if "cache" in names:
             step = len(self.steps["step_seconds"]) - 1
@@ -150,6 +196,6 @@ class Recorder:
             records["cache_tokens"] = cache.tokens_held().numpy()
             self.steps["cache_bytes"].append(records["cache_bytes"])
             self.steps["cache_tokens"].append(records["cache_tokens"])
-        self._entropy.clear()
-        self._probs.clear()
+        for per_layer in (self._entropy, self._probs, self._recall, self._output_error):
+            per_layer.clear()
         return records

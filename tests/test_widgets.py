@@ -1,0 +1,153 @@
+"""The Workbench panel without a browser: generated controls, runs on a tiny model, Stop, errors, compare mode."""
+
+import html
+import typing
+
+import ipywidgets as widgets
+import numpy as np
+import pytest
+
+import workbench as wb
+from workbench.widgets import ComponentPicker, Throttle, Workbench, control_for, value_of
+
+REGISTRIES = {family: module.registry for family, module in wb.FAMILIES.items()}
+
+
+def run_to_end(panel: Workbench) -> None:
+    panel.run()
+    panel.wait(timeout=120)
+    assert not panel.running
+
+
+@pytest.fixture
+def panel(tiny_llama) -> Workbench:
+    return Workbench(tiny_llama, "hello there", chat=False, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("family", REGISTRIES)
+def test_controls_match_declared_params(family):
+    registry = REGISTRIES[family]
+    for name in registry.available():
+        picker = ComponentPicker(registry, family, name, int_limit=1024)
+        specs = registry.component_class(name).parameters()
+        assert list(picker.controls) == [spec.name for spec in specs]
+        for spec in specs:
+            control = picker.controls[spec.name]
+            assert control.description == spec.name and control.tooltip == spec.help
+            if spec.choices is not None:
+                assert isinstance(control, widgets.Dropdown) and tuple(control.options) == spec.choices
+            elif type(None) in typing.get_args(spec.type):
+                assert isinstance(control, widgets.Text)
+            elif spec.min is not None and spec.max is not None and spec.type in (int, float):
+                assert isinstance(control, (widgets.IntSlider, widgets.FloatSlider))
+                assert (control.min, control.max) == (spec.min, spec.max)
+        # the defaults the controls hold build the same component as the registry's defaults
+        assert picker.component().params() == registry.get(name).params()
+
+
+def test_control_rules():
+    snapkv = {spec.name: spec for spec in wb.cache.registry.component_class("snapkv").parameters()}
+    budget = control_for(snapkv["budget"], int_limit=2048)
+    assert isinstance(budget, widgets.IntSlider) and (budget.min, budget.max, budget.value) == (1, 2048, 128)
+    ratio = control_for(snapkv["ratio"])
+    assert isinstance(ratio, widgets.Text) and value_of(ratio, snapkv["ratio"]) is None
+    ratio.value = "0.25"
+    assert wb.cache.get("snapkv", ratio=value_of(ratio, snapkv["ratio"])).ratio == 0.25
+    sample = {spec.name: spec for spec in wb.decode.registry.component_class("sample").parameters()}
+    temperature = control_for(sample["temperature"])
+    assert isinstance(temperature, widgets.FloatSlider) and temperature.value == 1.0 and temperature.step <= 0.01
+    cake = {spec.name: spec for spec in wb.cache.registry.component_class("cake").parameters()}
+    assert isinstance(control_for(cake["gamma"]), widgets.BoundedFloatText)  # no declared maximum: none invented
+
+
+def test_selecting_a_component_rebuilds_its_controls():
+    picker = ComponentPicker(wb.decode.registry, "decoder", "greedy")
+    assert picker.controls == {}
+    picker.dropdown.value = "sample"
+    assert list(picker.controls) == ["temperature", "top_k", "top_p", "min_p", "seed"]
+    assert list(picker.params_box.children) == list(picker.controls.values())
+    picker.controls["temperature"].value = 0.5
+    assert picker.component().temperature == 0.5
+
+
+def test_run_fills_text_and_feeds_the_live_streams(panel):
+    run_to_end(panel)
+    assert panel.error.value == "" and "done" in panel.status.value
+    [run] = panel.runs
+    assert len(run.token_ids) == 10 and panel.progress.value == 10
+    assert html.escape(run.text) in panel.text_a.value
+    trace = run.trace
+    entropy, cache = panel.live.entropy.data, panel.live.cache_bytes.data
+    np.testing.assert_array_equal(entropy["step"].to_numpy(), np.arange(10))
+    np.testing.assert_allclose(entropy["entropy"].to_numpy(), trace["entropy"].values)
+    np.testing.assert_array_equal(cache["cache_bytes"].to_numpy(), trace["cache_bytes"].values)
+    np.testing.assert_allclose(panel.live.attention.data, trace["attention_entropy"].values[-1])
+    assert not panel.run_button.disabled and panel.stop_button.disabled
+
+
+def test_stop_ends_the_run_early_and_keeps_the_text(panel):
+    panel.max_new_tokens.value = 200
+    add = panel.live.add
+
+    def add_then_press_stop(event):
+        add(event)
+        if event.step == 3:
+            panel.stop()
+
+    panel.live.add = add_then_press_stop
+    run_to_end(panel)
+    assert panel.runs == [] and "stopped" in panel.status.value
+    assert "stopped after 4 tokens" in panel.text_a.value
+    assert len(panel.live.entropy.data) == 4  # the plots keep what was generated before Stop
+    assert not panel.run_button.disabled and panel.stop_button.disabled
+
+
+def test_bad_parameter_shows_an_error_and_run_stays_usable(panel):
+    decoder = panel.config_a.pickers["decoder"]
+    decoder.dropdown.value = "sample"
+    decoder.controls["temperature"].value = 0.0
+    run_to_end(panel)
+    assert "ParameterError" in panel.error.value and "temperature" in panel.error.value
+    assert panel.runs == [] and not panel.run_button.disabled
+    decoder.controls["temperature"].value = 0.7
+    run_to_end(panel)
+    assert panel.error.value == "" and len(panel.runs) == 1
+    assert panel.runs[0].config["decoder_params"]["temperature"] == 0.7
+
+
+def test_error_during_generation_shows_in_the_panel(panel):
+    panel.prompt.value = "   "
+    run_to_end(panel)
+    assert "PromptError" in panel.error.value and "empty" in panel.error.value
+    assert "failed" in panel.status.value and not panel.run_button.disabled and panel.stop_button.disabled
+
+
+def test_compare_mode_runs_both_configurations(panel):
+    panel.compare.value = True
+    assert panel.config_b.widget.layout.display != "none"
+    panel.config_b.pickers["cache"].dropdown.value = "streaming_llm"
+    panel.config_b.pickers["cache"].controls["budget"].value = 4
+    run_to_end(panel)
+    assert panel.error.value == ""
+    run_a, run_b = panel.runs
+    assert (run_a.config["cache"], run_b.config["cache"]) == ("full", "streaming_llm")
+    assert run_b.peak_cache_bytes < run_a.peak_cache_bytes
+    assert html.escape(run_b.text) in panel.text_b.value
+
+
+def test_bad_constructor_arguments_are_named(tiny_llama):
+    with pytest.raises(wb.ParameterError, match="recordable"):
+        Workbench(tiny_llama, record=["entropy", "everything"])
+    with pytest.raises(wb.ParameterError, match="max_new_tokens"):
+        Workbench(tiny_llama, max_new_tokens=0)
+    with pytest.raises(wb.UnknownComponentError, match="registered"):
+        Workbench(tiny_llama, cache="no_such_cache")
+
+
+def test_throttle_waits_longer_when_drawing_is_slow():
+    throttle = Throttle(interval=0.2, share=0.1)
+    assert throttle.due()
+    throttle.drew(1.0)  # a one-second redraw: the next waits ~10 s so drawing stays ~10% of the time
+    assert not throttle.due() and throttle.due(force=True)
+    throttle.restart()
+    assert throttle.due()

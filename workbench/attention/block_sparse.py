@@ -1,0 +1,86 @@
+"""`block_sparse`: MInference's three dynamic sparse patterns, one chosen for every head.
+
+    a_shape        -- the first `sinks` keys + the `window` most recent ones (a static "A" shape)
+    vertical_slash -- from the last `last_q` queries' attention, the `vertical` key columns and the `slash`
+                      diagonals (constant query-key distance) that received the most mass; every query then
+                      sees those columns and those diagonals. Diagonal 0 (each query's own key) is always kept.
+    block_topk     -- per query tile, the `top_k` key tiles with the highest pooled score (mean query of the
+                      tile . mean key of the tile), plus the diagonal tiles holding the queries' own keys
+
+MInference picks the pattern per head offline; here one pattern applies to every head, and the indices are
+built online for every call (in decoding from the single query) exactly as in the paper's prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.attention.sparsity import (MaskedVariant, Sparsity, causal_tiles, check_block_size,
+                                          diagonal_tiles, last_query_probs, pooled_tile_scores, query_slots,
+                                          top_tiles)
+from workbench.errors import ParameterError
+from workbench.registry import param
+
+PATTERNS = ("a_shape", "vertical_slash", "block_topk")
+
+
+@dataclass
+class BlockSparse(MaskedVariant):
+    name = "block_sparse"
+    summary = "MInference dynamic sparse attention: A-shape, vertical-slash or block top-k, indices built online."
+    paper = ("MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention "
+             "(Jiang et al., NeurIPS 2024)")
+
+    pattern: str = param("vertical_slash", "which sparse pattern every head uses", choices=PATTERNS)
+    sinks: int = param(16, "a_shape: initial keys every query sees", min=0, max=4096)
+    window: int = param(128, "a_shape: recent keys each query sees, itself included", min=1, max=131072)
+    vertical: int = param(64, "vertical_slash: key columns kept (most attended by the last queries)",
+                          min=0, max=131072)
+    slash: int = param(64, "vertical_slash: diagonals kept, the main one included", min=1, max=131072)
+    last_q: int = param(64, "vertical_slash: queries at the end the pattern is estimated from", min=1, max=4096)
+    top_k: int = param(4, "block_topk: key tiles per query tile besides the diagonal ones", min=1, max=4096)
+    block_size: int = param(64, "block_topk: tile edge (query rows and key slots)", min=16, max=1024)
+
+    def validate(self) -> None:
+        check_block_size(self, self.block_size)
+        if self.sinks > self.window:
+            raise ParameterError(f"attention '{self.name}': sinks ({self.sinks}) must be <= window ({self.window}) "
+                                 "(a_shape keeps a few initial tokens beside the recent window)")
+
+    def sparsity(self, call) -> Sparsity:
+        return getattr(self, self.pattern)(call)
+
+    def a_shape(self, call) -> Sparsity:
+        return Sparsity(window=self.window, sinks=self.sinks)
+
+    def vertical_slash(self, call) -> Sparsity:
+        probs = last_query_probs(call, self.last_q)  # (batch, heads, L, K)
+        k_len = probs.shape[-1]
+        columns = probs.sum(2)
+        # mass per diagonal: query at slot p reaching key j lies on diagonal p - j
+        slots = query_slots(call)[-probs.shape[2]:]
+        distance = (slots[:, None] - torch.arange(k_len, device=probs.device)[None]).clamp_min(0)
+        diagonals = torch.zeros_like(columns).scatter_add_(
+            -1, distance.flatten().expand(*columns.shape[:2], -1), probs.flatten(2))  # masked keys add 0
+        diagonals[..., 0] = float("inf")  # each query keeps its own key
+        keep_columns = _top(columns, self.vertical)
+        keep_diagonals = _top(diagonals, self.slash)
+        distance = query_slots(call)[:, None] - torch.arange(k_len, device=probs.device)[None]  # (Q, K)
+        on_diagonal = keep_diagonals[:, :, None, :].expand(-1, -1, distance.shape[0], -1).gather(
+            -1, distance.clamp_min(0).expand(*keep_diagonals.shape[:2], -1, -1)) & (distance >= 0)
+        return Sparsity(mask=keep_columns[:, :, None, :] | on_diagonal, block_size=self.block_size)
+
+    def block_topk(self, call) -> Sparsity:
+        bs = self.block_size
+        diagonal = diagonal_tiles(call, bs)
+        chosen = top_tiles(pooled_tile_scores(call, bs), causal_tiles(call, bs) & ~diagonal, self.top_k)
+        return Sparsity(block_mask=chosen | diagonal, block_size=bs)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool like `scores` (..., n): its k largest entries."""
+    k = min(k, scores.shape[-1])
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(
+        -1, scores.topk(k, dim=-1).indices, True)

@@ -1,0 +1,29 @@
+"""Plots of a run's trace: HoloViews objects (bokeh backend) that render in JupyterLab, save as standalone HTML
+(bokeh's JavaScript inlined, works offline) or as PNG (through matplotlib).
+
+    import workbench as wb
+    wb.viz.setup()                      # once per notebook: hv.extension("bokeh") with inline resources
+    run = wb.generate(model, "...", record=["entropy", "cache"])
+    wb.viz.entropy(run.trace)           # token stream, entropy curve, attention entropy maps
+    wb.viz.cache_occupancy(run.trace, layer=0, kv_head=0)
+    wb.viz.compare(run_a, run_b, labels=("full", "snapkv"))
+    wb.viz.save_html(plot, "plot.html"); wb.viz.save_png(plot, "plot.png")
+
+Every plot takes a Run or its trace, and fails with a WorkbenchError naming the `record=` choice it needs when the
+trace lacks it. Importing this package imports HoloViews and bokeh (about two seconds), so `import workbench`
+does not: `wb.viz` is loaded on first use.
+"""
+
+from workbench.viz.attention_plots import attention_pattern
+from workbench.viz.backend import setup
+from workbench.viz.cache_plots import cache_bytes, cache_occupancy, cache_states
+from workbench.viz.comparison import compare, divergence_step
+from workbench.viz.entropy_plots import entropy_curve, entropy_heatmap, head_entropy_map
+from workbench.viz.export import save_html, save_png
+from workbench.viz.fidelity_plots import fidelity, fidelity_variables
+from workbench.viz.overview import entropy, overview, supported_plots
+from workbench.viz.stream import token_stream
+
+__all__ = ["attention_pattern", "cache_bytes", "cache_occupancy", "cache_states", "compare", "divergence_step",
+           "entropy", "entropy_curve", "entropy_heatmap", "fidelity", "fidelity_variables", "head_entropy_map",
+           "overview", "save_html", "save_png", "setup", "supported_plots", "token_stream"]
