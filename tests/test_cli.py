@@ -41,11 +41,25 @@ def test_json_summary_and_trace(capsys, tmp_path):
     (["--record", "experts"], "error: cannot record 'experts'"),
     (["--max-new-tokens", "-3"], "error: max_new_tokens must be an integer >= 0"),
     (["--report", "run.pdf"], "error: a report is an HTML file: give a path ending in .html, got 'run.pdf'"),
+    (["--attention", "sliding_window", "--set", "attention.window=0"],
+     "error: attention 'sliding_window' parameter 'window' is 0; it must be >= 1"),
+    (["--attention", "sink_window", "--set", "attention.sinks=8", "--set", "attention.window=4"],
+     "error: attention 'sink_window': sinks (8) must be <= window (4)"),
+    (["--attention", "block_sparse", "--set", "attention.pattern=diagonal"],
+     "error: attention 'block_sparse' parameter 'pattern'"),
 ])
 def test_errors_are_one_line_and_non_zero(capsys, argv, message):
     assert main(["run", "--prompt", "hello", *TINY, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_sparse_attention_from_the_command_line_reports_fidelity(capsys):
+    assert main(["run", "--prompt", "hello there, tiny model", *TINY, "--max-new-tokens", "3", "--attention",
+                 "block_sparse", "--set", "attention.pattern=vertical_slash", "--set", "attention.block_size=16",
+                 "--record", "fidelity"]) == 0
+    out = capsys.readouterr().out
+    assert "fidelity vs dense: attention recall mean" in out and "KL mean" in out
 
 
 def test_report_records_what_its_plots_need(capsys, tmp_path):

@@ -84,12 +84,58 @@ def test_sparse_variant_recall_matches_its_mask_and_kl_matches_hf(tiny_llama):
     assert expected.max() > 1e-4  # the variant really changed the predictions
 
 
-def test_evicting_cache_kl_is_recorded(tiny_llama, tmp_path):
-    run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("streaming_llm", budget=8, sinks=2),
-                      record="fidelity", max_new_tokens=6, ignore_eos=True)
-    assert run.trace["kl_vs_dense"].values[-1] > 1e-5  # later steps lost context: predictions differ
+def test_evicting_cache_kl_and_dropped_mass_match_hf_eager_attention(tiny_llama, tmp_path):
+    model = tiny_llama
+    run = wb.generate(model, PROMPT, cache=wb.cache.get("streaming_llm", budget=8, sinks=2),
+                      record=["fidelity", "cache"], max_new_tokens=6, ignore_eos=True)
+    trace = run.trace
+    assert trace["kl_vs_dense"].values[-1] > 1e-5  # later steps lost context: predictions differ
+
+    # independent: HF's own eager attention weights over the whole history, summed over evicted positions
+    ids = torch.tensor([run.prompt_ids + run.token_ids[:-1]])
+    previous = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            weights = torch.stack([a[0] for a in model.hf(ids, output_attentions=True).attentions])
+    finally:
+        model.hf.set_attn_implementation(previous)
+    n_prompt = len(run.prompt_ids)
+    evicted_at = torch.from_numpy(trace["cache_evicted_at"].values)  # (layer, kv_head, position)
+    kv_of = torch.from_numpy(trace["kv_head_of"].values)
+    for step in range(6):
+        rows = weights[:, :, n_prompt - 1 + step, :]  # (layer, head, key): the query that chose token `step`
+        gone = (evicted_at >= 0) & (evicted_at < step)
+        expected = (rows * gone[:, kv_of, :ids.shape[1]]).sum(-1)
+        np.testing.assert_allclose(trace["cache_dropped_mass"].values[step], expected.numpy(), atol=1e-5)
+    assert trace["cache_dropped_mass"].values[0].max() == 0  # the prefill attends before any eviction
+    assert trace["cache_dropped_mass"].values[-1].max() > 0.01
+
     loaded = wb.load_trace(run.save(tmp_path / "fidelity.nc"))
-    xr.testing.assert_identical(loaded, run.trace)
+    xr.testing.assert_identical(loaded, trace)
+
+
+def test_full_cache_drops_nothing(tiny_llama):
+    run = wb.generate(tiny_llama, PROMPT, record="fidelity", max_new_tokens=3)
+    assert run.trace["cache_dropped_mass"].dims == ("step", "layer", "head")
+    assert (run.trace["cache_dropped_mass"].values == 0).all()
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "sink_window", "hybrid", "block_sparse", "pbs", "topk_retrieval",
+                                  "mpcvit", "entropy_guided"])
+def test_every_registered_variant_records_fidelity(tiny_llama, name):
+    params = {"sliding_window": {"window": 16}, "sink_window": {"sinks": 2, "window": 16},
+              "hybrid": {"window": 16, "sinks": 2}, "block_sparse": {"block_size": 16, "top_k": 1},
+              "pbs": {"block_size": 16, "segment": 16, "top_k": 1}, "topk_retrieval": {"top_k": 4}}.get(name, {})
+    run = wb.generate(tiny_llama, PROMPT * 2, attention=wb.attention.get(name, **params), record="fidelity",
+                      max_new_tokens=3, ignore_eos=True)
+    recall = run.trace["attention_recall"].values
+    if name in ("mpcvit", "entropy_guided"):  # they change the attention function, not the kept keys
+        assert np.isnan(recall).all()
+    else:
+        assert ((recall > 0) & (recall <= 1 + 1e-5)).all() and recall.min() < 0.9999  # some mass was skipped
+    assert run.trace["attention_output_error"].values.max() > 1e-4
+    assert (run.trace["kl_vs_dense"].values >= -1e-6).all() and run.trace["kl_vs_dense"].values.max() > 0
 
 
 def test_fidelity_is_listed_as_recordable():

@@ -240,12 +240,21 @@ def test_fidelity_plots_whatever_fidelity_the_trace_holds(runs):
         viz.fidelity(trace)
 
 
-@pytest.mark.skipif("fidelity" not in wb.RECORDABLE, reason="this workbench does not record fidelity")
 def test_fidelity_of_a_real_recorded_run(tiny_llama):
     trace = wb.generate(tiny_llama, PROMPT, record=["fidelity"], max_new_tokens=3, ignore_eos=True).trace
+    assert viz.fidelity_variables(trace) == ["attention_recall", "attention_output_error", "kl_vs_dense"]
     layout = viz.fidelity(trace)
     assert elements(layout, hv.Curve)[-1].dimension_values("kl_vs_dense").tolist() == \
         pytest.approx(trace["kl_vs_dense"].values.tolist())
+
+
+def test_fidelity_shows_dense_attention_lost_to_eviction(tiny_llama):
+    trace = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("streaming_llm", budget=8, sinks=2),
+                        record=["fidelity"], max_new_tokens=4, ignore_eos=True).trace
+    assert "cache_dropped_mass" in viz.fidelity_variables(trace)
+    heatmap = elements(viz.fidelity(trace), hv.HeatMap)[-1]
+    expected = trace["cache_dropped_mass"].mean("head").transpose("step", "layer").values.ravel()
+    np.testing.assert_allclose(heatmap.dimension_values("cache_dropped_mass"), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("build,error,message", [

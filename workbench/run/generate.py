@@ -20,7 +20,7 @@ from workbench.attention import use_attention
 from workbench.errors import ParameterError, PromptError, WorkbenchError
 from workbench.models import Model
 from workbench.models.model import Messages
-from workbench.run.fidelity import dense_log_probs, kl_divergence
+from workbench.run.fidelity import dense_replay, kl_divergence
 from workbench.run.result import Run, StepEvent
 from workbench.trace import Recorder, RecordSpec, build_dataset
 
@@ -68,8 +68,9 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
         generated, step_seconds, peak_bytes, finish = _loop(model, prompt_ids, components, recorder,
                                                             max_new_tokens, stop_ids, stream, progress)
     if "fidelity" in spec.names and generated:
-        dense = dense_log_probs(model, prompt_ids, generated).cpu()
-        recorder.kl_vs_dense = kl_divergence(dense, torch.stack(recorder.steps["log_probs"])).numpy()
+        replay = dense_replay(model, prompt_ids, generated, recorder.evictions)
+        recorder.kl_vs_dense = kl_divergence(replay.log_probs.cpu(), torch.stack(recorder.steps["log_probs"])).numpy()
+        recorder.cache_dropped_mass = replay.dropped_mass
     prompt_list = prompt_ids[0].tolist()
     config.update(finish_reason=finish, prompt_tokens=len(prompt_list))
     trace = build_dataset(recorder, prompt_tokens=model.token_strings(prompt_list),

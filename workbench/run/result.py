@@ -107,7 +107,8 @@ def fidelity_summary(trace: xr.Dataset) -> dict[str, float]:
     return {"recall_mean": float(finite.mean()) if finite.size else float("nan"),
             "recall_min": float(finite.min()) if finite.size else float("nan"),
             "output_error_mean": float(trace["attention_output_error"].values.mean()),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "cache_dropped_mass_mean": float(trace["cache_dropped_mass"].values.mean())}
 
 
 def fidelity_summary_line(run: Run) -> str:
@@ -115,4 +116,5 @@ def fidelity_summary_line(run: Run) -> str:
         return "fidelity: not recorded (record=['fidelity'])"
     f = fidelity_summary(run.trace)
     return (f"fidelity vs dense: attention recall mean {f['recall_mean']:.3f} (min {f['recall_min']:.3f}), "
-            f"output error {f['output_error_mean']:.3f}, KL mean {f['kl_mean']:.4f} / max {f['kl_max']:.4f} nats")
+            f"output error {f['output_error_mean']:.3f}, KL mean {f['kl_mean']:.4f} / max {f['kl_max']:.4f} nats, "
+            f"dense attention on evicted positions {f['cache_dropped_mass_mean']:.3f}")

@@ -87,6 +87,10 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
             data["prompt_attention_recall"] = (("layer", "head", "query"), recorder.prompt_attention_recall)
         kl = recorder.kl_vs_dense if recorder.kl_vs_dense is not None else np.zeros(0)
         data["kl_vs_dense"] = ("step", kl.astype(np.float32))
+        dropped = recorder.cache_dropped_mass
+        if dropped is None:  # nothing evicted: the dense model's attention all fell on held positions
+            dropped = np.zeros((len(kl), recorder.num_layers, recorder.num_heads))
+        data["cache_dropped_mass"] = (per_head, dropped.astype(np.float32))
     dataset = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
     _describe_variables(dataset)
     return dataset
@@ -120,6 +124,8 @@ DESCRIPTIONS = {
     "attention_output_error": ("relative L2", "|attention output - dense output| / |dense output| (mean over the "
                                               "step's queries)"),
     "prompt_attention_recall": ("fraction", "attention recall of each prompt query row (prefill)"),
+    "cache_dropped_mass": ("fraction", "share of the dense full-cache model's attention at this step that falls on "
+                                       "positions the cache had evicted"),
     "kl_vs_dense": ("nats", "KL(dense full-cache model || this run) of the next-token distribution at this step"),
 }
 

@@ -117,7 +117,9 @@ class Recorder:
                                        ("step_seconds", "entropy", "attention_entropy", "attention", "logits",
                                         "cache_bytes", "cache_tokens", "attention_recall",
                                         "attention_output_error", "log_probs")}
-        self.kl_vs_dense: np.ndarray | None = None  # (steps,), filled after the run by the dense replay
+        # filled after the run by the dense replay (workbench.run.fidelity):
+        self.kl_vs_dense: np.ndarray | None = None  # (steps,)
+        self.cache_dropped_mass: np.ndarray | None = None  # (steps, layers, heads)
         # (step, layer, kv_head, evicted positions, positions they were merged into or None)
         self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         self.prompt_attention_entropy: np.ndarray | None = None  # (layers, heads, prompt queries)
@@ -186,11 +188,12 @@ class Recorder:
             self.steps["attention_output_error"].append(records["attention_output_error"])
             self.steps["log_probs"].append(torch.log_softmax(logits.float(), -1).cpu())
         events = cache.drain_events()  # drained every step so they never pile up
-        if "cache" in names:
+        if names & {"cache", "fidelity"}:  # fidelity measures the dense attention on what was evicted
             step = len(self.steps["step_seconds"]) - 1
             self.evictions += [(step, layer, head, positions.cpu().numpy(),
                                 None if merged is None else merged.cpu().numpy())
                                for layer, head, positions, merged in events]
+        if "cache" in names:
             records["cache_evicted"] = sum(len(positions) for _, _, positions, _ in events)
             records["cache_bytes"] = cache.nbytes()
             records["cache_tokens"] = cache.tokens_held().numpy()

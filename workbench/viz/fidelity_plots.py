@@ -1,5 +1,5 @@
 """`fidelity`: how closely a sparse or approximate attention variant followed dense attention, from whichever
-fidelity variables the trace holds (attention_recall, attention_output_error, kl_vs_dense)."""
+fidelity variables the trace holds (attention_recall, attention_output_error, kl_vs_dense, cache_dropped_mass)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ FIDELITY = {
     "attention_recall": "attention recall (share of dense attention mass the variant kept)",
     "attention_output_error": "attention output error vs dense",
     "kl_vs_dense": "KL divergence of next-token distribution from dense",
+    "cache_dropped_mass": "dense attention on positions the cache had evicted",
 }
 
 
@@ -25,7 +26,10 @@ def fidelity_variables(trace: Any) -> list[str]:
     """The fidelity variables a trace holds values for (record "fidelity"; attention recall is all NaN for
     variants that keep no explicit set of keys, and is left out then)."""
     trace = as_trace(trace)
-    return [name for name in FIDELITY if name in trace and bool(trace[name].notnull().any())]
+    present = [name for name in FIDELITY if name in trace and bool(trace[name].notnull().any())]
+    if "cache_dropped_mass" in present and not bool((trace["cache_dropped_mass"] > 0).any()):
+        present.remove("cache_dropped_mass")  # the cache evicted nothing: an all-zero plot says nothing
+    return present
 
 
 def fidelity(trace: Any) -> hv.Layout:
