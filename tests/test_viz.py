@@ -216,7 +216,7 @@ def test_entropy_overview_and_supported_plots_follow_the_records(runs):
     overview = viz.entropy(a.trace)
     assert [plot_options(p)["title"] for p in overview][1:] == [
         "next-token entropy", "attention entropy by step and layer (mean over heads)",
-        "attention entropy by layer and head (prompt rows averaged)"]
+        "attention entropy per head (prompt mean)"]
     assert {"attention_pattern layer 0 head 0", "cache_occupancy layer 1 kv_head 0"} <= set(viz.supported_plots(a))
     assert not any(name.startswith("attention_pattern") for name in viz.supported_plots(b))
     assert list(viz.supported_plots(unrecorded(a.trace))) == ["token_stream"]

@@ -62,7 +62,7 @@ def head_entropy_map(trace: Any, step: int | None = None) -> hv.HeatMap:
     if step is None:
         require(trace, "prompt_attention_entropy", purpose="attention entropy over the prompt")
         values = trace["prompt_attention_entropy"].mean("query")
-        token, which = f"(mean of {trace.sizes['query']} prompt rows)", "prompt rows averaged"
+        token, which = f"(mean of {trace.sizes['query']} prompt rows)", "prompt mean"
     else:
         require(trace, "attention_entropy", purpose="attention entropy")
         require_steps(trace, "attention entropy")
@@ -74,7 +74,7 @@ def head_entropy_map(trace: Any, step: int | None = None) -> hv.HeatMap:
     data = data[["head", "layer", "attention_entropy"]]
     data["token"] = token
     return hv.HeatMap(data, ["head", "layer"], ["attention_entropy", "token"]).opts(
-        backend="bokeh", title=f"attention entropy by layer and head ({which})", xlabel="head", ylabel="layer",
+        backend="bokeh", title=f"attention entropy per head ({which})", xlabel="head", ylabel="layer",
         hover_tooltips=[("layer", "@{layer}"), ("head", "@{head}"), ("token", "@{token}"),
                         ("entropy", "@{attention_entropy}{0.000} nats")],
         tools=["hover"], cmap=style.HEATMAP_CMAP, colorbar=True, colorbar_opts={"title": "nats"},
