@@ -50,10 +50,9 @@ def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 64, mark
             backend="bokeh", fill_alpha=0, line_color=style.DIVERGENCE_COLOR, line_width=3,
             hover_tooltips=[("marked token", "@{token}"), ("step", "@{step}")]))
     everything = pd.concat([prompt_cells, cells])
-    # a fixed frame width (the colorbar sits outside it) so the text always fits its cells: a monospace glyph
-    # is ~0.6 em wide
-    frame_width = style.WIDTH - 120
-    font_pixels = min(16, max(7, int(frame_width / line_chars / 0.62)))
+    # the text must fit its cells: the frame is the width less the colorbar (~120 px), and a monospace glyph is
+    # ~0.6 em wide
+    font_pixels = min(16, max(7, int((style.WIDTH - 120) / line_chars / 0.62)))
     layers.append(hv.Labels(everything, ["x", "y"], "token").opts(
         backend="bokeh", text_font=value("monospace"), text_font_size=f"{font_pixels}px", text_color="black"))
     lines = int(everything["y1"].max()) + 1
@@ -61,7 +60,7 @@ def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 64, mark
         "generated tokens (record 'entropy' to colour them by it)"
     return hv.Overlay(layers).opts(
         backend="bokeh", title=title or default, xaxis=None, yaxis=None, invert_yaxis=True, show_legend=False,
-        frame_width=frame_width, frame_height=max(60, LINE_PIXELS * lines), xlim=(-0.5, line_chars + 0.5),
+        width=style.WIDTH, height=max(120, 60 + LINE_PIXELS * lines), xlim=(-0.5, line_chars + 0.5),
         ylim=(-0.2, lines + 0.2), toolbar="above")
 
 
