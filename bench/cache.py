@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model and args.model.startswith("tiny:"):
-        model = wb.tiny(args.model.split(":", 1)[1], device=args.device or "cpu")
-    else:
-        model = wb.load(args.model, device=args.device)
+    model = wb.load(args.model, device=args.device)
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     compressed = [c.strip() for c in args.compressed.split(",") if c.strip()]
     policies = {"full": wb.cache.get("full")}

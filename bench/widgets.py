@@ -62,8 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(name: str | None) -> wb.Model:
-    if name and name.startswith("tiny:"):
-        return wb.tiny(name.split(":", 1)[1], device="cpu")
     return wb.load(name, device="cpu")
 
 

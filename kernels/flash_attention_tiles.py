@@ -52,7 +52,7 @@ def _block_bits(BlockMask, bm_base, sbh, sbm, sbn, head, qi, row_ok, n0, block_s
 
 @triton.jit
 def _tile_update(acc, m, l, t, q, K, V, k_base, v_base, skn, svn, Mask, mask_rows, smn, bits,
-                 n0, head, qi, pos, row_ok, n_k, scale2, window, sinks,
+                 n0, pos, row_ok, n_k, scale2, window, sinks,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  HAS_MASK: tl.constexpr, ROW_BITS: tl.constexpr, ENTROPY: tl.constexpr,
                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
@@ -164,7 +164,7 @@ def _forward_kernel(Q, K, V, Out, Lse, Ent, Mask, BlockMask, TileCounts, TileLis
             if ROW_BITS:  # rows of a packed tile may belong to heads or query blocks whose bit is off
                 bits = _block_bits(BlockMask, bm_base, sbh, sbm, sbn, head, qi, row_ok, n0, block_size) != 0
             acc, m, l, t = _tile_update(acc, m, l, t, q, K, V, k_base, v_base, skn, svn, Mask, mask_rows, smn,
-                                        bits, n0, head, qi, pos, row_ok, n_k, scale2, window, sinks, HEAD_DIM,
+                                        bits, n0, pos, row_ok, n_k, scale2, window, sinks, HEAD_DIM,
                                         BLOCK_N, CAUSAL, WINDOW, HAS_MASK, ROW_BITS, ENTROPY, True, PRECISION)
     else:
         # Positions of this tile's first and last query decide which key tiles can matter at all.
@@ -201,20 +201,20 @@ def _forward_kernel(Q, K, V, Out, Lse, Ent, Mask, BlockMask, TileCounts, TileLis
         f1 = tl.minimum(tl.maximum(f_hi, f0), w1)
         for tile in range(tl.minimum(v0, n_sink), tl.minimum(v1, n_sink)):
             acc, m, l, t = _tile_update(acc, m, l, t, q, K, V, k_base, v_base, skn, svn, Mask, mask_rows, smn,
-                                        row_ok, tile * BLOCK_N, head, qi, pos, row_ok, n_k, scale2, window, sinks,
+                                        row_ok, tile * BLOCK_N, pos, row_ok, n_k, scale2, window, sinks,
                                         HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, HAS_MASK, False, ENTROPY, True, PRECISION)
         for tile in range(w0, f0):
             acc, m, l, t = _tile_update(acc, m, l, t, q, K, V, k_base, v_base, skn, svn, Mask, mask_rows, smn,
-                                        row_ok, tile * BLOCK_N, head, qi, pos, row_ok, n_k, scale2, window, sinks,
+                                        row_ok, tile * BLOCK_N, pos, row_ok, n_k, scale2, window, sinks,
                                         HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, HAS_MASK, False, ENTROPY, True, PRECISION)
         for tile in range(f0, f1):
             acc, m, l, t = _tile_update(acc, m, l, t, q, K, V, k_base, v_base, skn, svn, Mask, mask_rows, smn,
-                                        row_ok, tile * BLOCK_N, head, qi, pos, row_ok, n_k, scale2, window, sinks,
+                                        row_ok, tile * BLOCK_N, pos, row_ok, n_k, scale2, window, sinks,
                                         HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, HAS_MASK, False, ENTROPY, False,
                                         PRECISION)
         for tile in range(f1, w1):
             acc, m, l, t = _tile_update(acc, m, l, t, q, K, V, k_base, v_base, skn, svn, Mask, mask_rows, smn,
-                                        row_ok, tile * BLOCK_N, head, qi, pos, row_ok, n_k, scale2, window, sinks,
+                                        row_ok, tile * BLOCK_N, pos, row_ok, n_k, scale2, window, sinks,
                                         HEAD_DIM, BLOCK_N, CAUSAL, WINDOW, HAS_MASK, False, ENTROPY, True, PRECISION)
 
     if SPLIT:

@@ -5,6 +5,8 @@ when a kernel is defined (at import), so TRITON_INTERPRET is set here, before an
 """
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ if not torch.cuda.is_available():
 
 import workbench as wb  # noqa: E402  (after TRITON_INTERPRET)
 from workbench.kernels import HAS_TRITON  # noqa: E402
+
+# Debian's chromium (never a downloaded browser) for the tests that drive a real browser through Playwright
+CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,3 +52,25 @@ def tiny_models() -> dict[str, wb.Model]:
 def tiny_llama(tiny_models) -> wb.Model:
     return tiny_models["llama"]
 
+
+
+def _missing_browser() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright's Python client is not installed (pip install -e '.[dev]')"
+    if not Path(CHROMIUM).exists():
+        return f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The chromium binary Playwright drives (`WORKBENCH_CHROMIUM`, else `chromium` on PATH); the test is skipped
+    without it or Playwright, and fails instead under WORKBENCH_REQUIRE_BROWSER=1."""
+    reason = _missing_browser()
+    if reason is not None:
+        if os.environ.get("WORKBENCH_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"WORKBENCH_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    return CHROMIUM

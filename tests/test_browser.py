@@ -33,7 +33,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.embedded, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "00_quickstart.ipynb"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 NOTEBOOK_SECONDS = 900  # the whole quickstart on a slow shared CPU, model conversion included on a cold cache
 RUN_SECONDS = 240  # one Workbench run of a few tokens
 
@@ -75,28 +74,8 @@ SOURCE_ROWS = """([selector, column]) => {
 }"""
 
 
-def _missing_browser() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "Playwright's Python client is not installed (pip install -e '.[dev]')"
-    if not Path(CHROMIUM).exists():
-        return f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)"
-    return None
-
-
 @pytest.fixture(scope="module")
-def browser_path() -> str:
-    reason = _missing_browser()
-    if reason is not None:
-        if os.environ.get("WORKBENCH_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"WORKBENCH_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, browser_path):
+def lab(tmp_path_factory, chromium):
     """A JupyterLab server on loopback serving a temporary folder that holds a copy of the quickstart."""
     home = tmp_path_factory.mktemp("jupyter")
     root = home / "notebooks"
@@ -125,13 +104,13 @@ def lab(tmp_path_factory, browser_path):
         log.close()
 
 
-def test_quickstart_renders_widget_and_live_plots(lab, browser_path):
+def test_quickstart_renders_widget_and_live_plots(lab, chromium):
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
     outside: list[str] = []  # requests to anywhere but the Jupyter server
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path,
+        browser = playwright.chromium.launch(executable_path=chromium,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})

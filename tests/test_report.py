@@ -2,9 +2,7 @@
 text, summary and every plot its trace supports; from a Run or from a saved trace."""
 
 import html
-import os
 import re
-import shutil
 
 import pytest
 
@@ -62,21 +60,6 @@ def test_report_errors(run, tmp_path):
         write_report(run, tmp_path / "run.pdf")
     with pytest.raises(WorkbenchError, match="takes a Run or its trace"):
         write_report("run", tmp_path / "run.html")
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's chromium driven by Playwright; skipped without them (a failure under WORKBENCH_REQUIRE_BROWSER=1)."""
-    try:
-        import playwright.sync_api  # noqa: F401
-        reason = None if shutil.which("chromium") else "no chromium on PATH (apt-get install chromium)"
-    except ImportError:
-        reason = "Playwright's Python client is not installed (pip install -e '.[dev]')"
-    if reason and os.environ.get("WORKBENCH_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"WORKBENCH_REQUIRE_BROWSER=1 but {reason}")
-    if reason:
-        pytest.skip(reason)
-    return shutil.which("chromium")
 
 
 @pytest.mark.browser

@@ -114,15 +114,14 @@ def run_command(args) -> int:
     model = _load(args)
     record = _record(args, model)
     prompt = args.prompt
-    if not args.raw and getattr(model.tokenizer, "chat_template", None):
+    if not args.raw and model.has_chat_template:
         prompt = [{"role": "user", "content": args.prompt}]
 
     def show(event):
         print(event.text, end="", flush=True)
 
-    run = wb.generate(model, prompt, attention=components["attention"], cache=components["cache"],
-                      decoder=components["decoder"], router=components["router"], record=record,
-                      max_new_tokens=args.max_new_tokens, stream=None if args.json else show)
+    run = wb.generate(model, prompt, **components, record=record, max_new_tokens=args.max_new_tokens,
+                      stream=None if args.json else show)
     if args.trace:
         run.save(args.trace)
     if args.report:
@@ -165,8 +164,6 @@ def _record(args, model):
 def _load(args):
     import workbench as wb
 
-    if args.model and args.model.startswith("tiny:"):
-        return wb.tiny(args.model.split(":", 1)[1], device=args.device or "cpu", dtype=args.dtype or "float32")
     return wb.load(args.model, device=args.device, dtype=args.dtype)
 
 

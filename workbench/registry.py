@@ -105,7 +105,7 @@ class Component:
 def _check_value(component: Component, spec: ParamSpec, value: Any) -> None:
     where = f"{component.family} '{component.name}' parameter '{spec.name}'"
     if value is None:
-        if _accepts_none(spec.type):
+        if accepts_none(spec.type):
             return
         raise ParameterError(f"{where} must not be None")
     if spec.choices is not None and value not in spec.choices:
@@ -116,8 +116,14 @@ def _check_value(component: Component, spec: ParamSpec, value: Any) -> None:
         raise ParameterError(f"{where} is {value!r}; it must be <= {spec.max}")
 
 
-def _accepts_none(tp: Any) -> bool:
+def accepts_none(tp: Any) -> bool:
+    """Whether a parameter declared with type `tp` may be None."""
     return tp is Any or type(None) in typing.get_args(tp)
+
+
+def value_types(tp: Any) -> list:
+    """The types a parameter declared with `tp` takes besides None: [int] for `int` and for `int | None`."""
+    return [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
 
 
 def _coerce(spec: ParamSpec, value: Any, where: str) -> Any:
@@ -125,8 +131,8 @@ def _coerce(spec: ParamSpec, value: Any, where: str) -> Any:
     if value is None:
         return None
     tp = spec.type
-    options = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
-    if isinstance(value, str) and value.strip().lower() == "none" and _accepts_none(tp):
+    options = value_types(tp)
+    if isinstance(value, str) and value.strip().lower() == "none" and accepts_none(tp):
         return None
     for option in options:
         if option is bool:

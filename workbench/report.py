@@ -41,9 +41,10 @@ def write_report(run: Any, path: str | Path, *, title: str | None = None) -> Pat
     from bokeh.embed import file_html
 
     from workbench.viz import supported_plots
+    from workbench.viz.inputs import as_trace
     from workbench.viz.resources import SelfContained
 
-    trace = _trace_of(run)
+    trace = as_trace(run, "write_report takes")
     path = check_report_path(path)
     config = run.config if hasattr(run, "trace") and run.config else _config_of(trace)
     title = title or f"workbench run: {config.get('model', 'model')}"
@@ -66,14 +67,6 @@ def check_report_path(path: str | Path) -> Path:
     if path.suffix.lower() not in (".html", ".htm"):
         raise WorkbenchError(f"a report is an HTML file: give a path ending in .html, got {str(path)!r}")
     return path
-
-
-def _trace_of(run: Any) -> xr.Dataset:
-    if isinstance(run, xr.Dataset):
-        return run
-    if isinstance(getattr(run, "trace", None), xr.Dataset):
-        return run.trace
-    raise WorkbenchError(f"write_report takes a Run or its trace (an xarray.Dataset), got {type(run).__name__}")
 
 
 def _config_of(trace: xr.Dataset) -> dict[str, Any]:
@@ -102,13 +95,15 @@ def _header(run: Any, trace: xr.Dataset, config: dict[str, Any], title: str) -> 
 
 
 def _summary(run: Any, trace: xr.Dataset) -> dict[str, Any]:
+    from workbench.viz.inputs import prompt_length  # workbench.viz imports HoloViews: only when writing a report
+
     if hasattr(run, "summary"):
         summary = run.summary()
         summary.pop("text", None)
         summary.pop("config", None)
         return summary
     summary: dict[str, Any] = {"new_tokens": trace.sizes.get("step", 0),
-                               "prompt_tokens": int(trace["is_prompt"].sum())}
+                               "prompt_tokens": prompt_length(trace)}
     if "entropy" in trace and trace.sizes.get("step", 0):
         summary["mean entropy (nats)"] = round(float(trace["entropy"].mean()), 4)
     if "cache_bytes" in trace and trace.sizes.get("step", 0):
@@ -117,11 +112,12 @@ def _summary(run: Any, trace: xr.Dataset) -> dict[str, Any]:
 
 
 def _recorded(config: dict[str, Any], trace: xr.Dataset) -> set[str]:
+    from workbench.viz.inputs import RECORDED_BY
+
     record = config.get("record")
     if isinstance(record, list):
         return set(record)
-    return {name for name, variable in (("entropy", "entropy"), ("attention", "attention"), ("logits", "logits"),
-                                        ("cache", "cache_bytes")) if variable in trace}
+    return {record for variable, record in RECORDED_BY.items() if variable in trace}
 
 
 def _table(values: dict[str, Any]) -> str:

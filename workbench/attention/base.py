@@ -38,6 +38,9 @@ class AttentionCall:
     # (kv_heads, k_len) long: the token position in each key slot (-1: padding) when the cache evicted or
     # reordered tokens; None when slot i holds position i. Set by the bridge for observers of attention rows.
     slot_positions: torch.Tensor | None = None
+    # what a variant worked out for this call and may need again within it (e.g. its sparsity pattern, which
+    # both `attend` and the fidelity metric's `kept_mask` use)
+    memo: dict = field(default_factory=dict)
 
     @property
     def groups(self) -> int:

@@ -60,14 +60,13 @@ class BlockSparse(MaskedVariant):
         k_len = probs.shape[-1]
         columns = probs.sum(2)
         # mass per diagonal: query at slot p reaching key j lies on diagonal p - j
-        slots = query_slots(call)[-probs.shape[2]:]
-        distance = (slots[:, None] - torch.arange(k_len, device=probs.device)[None]).clamp_min(0)
-        diagonals = torch.zeros_like(columns).scatter_add_(
-            -1, distance.flatten().expand(*columns.shape[:2], -1), probs.flatten(2))  # masked keys add 0
-        diagonals[..., 0] = float("inf")  # each query keeps its own key
-        keep_columns = _top(columns, self.vertical)
-        keep_diagonals = _top(diagonals, self.slash)
         distance = query_slots(call)[:, None] - torch.arange(k_len, device=probs.device)[None]  # (Q, K)
+        last = distance[-probs.shape[2]:].clamp_min(0)
+        diagonals = torch.zeros_like(columns).scatter_add_(
+            -1, last.flatten().expand(*columns.shape[:2], -1), probs.flatten(2))  # masked keys add 0
+        diagonals[..., 0] = float("inf")  # each query keeps its own key
+        keep_columns = top_tiles(columns, None, self.vertical)
+        keep_diagonals = top_tiles(diagonals, None, self.slash)
         on_diagonal = keep_diagonals[:, :, None, :].expand(-1, -1, distance.shape[0], -1).gather(
             -1, distance.clamp_min(0).expand(*keep_diagonals.shape[:2], -1, -1)) & (distance >= 0)
         return Sparsity(mask=keep_columns[:, :, None, :] | on_diagonal, block_size=self.block_size)
@@ -77,10 +76,3 @@ class BlockSparse(MaskedVariant):
         diagonal = diagonal_tiles(call, bs)
         chosen = top_tiles(pooled_tile_scores(call, bs), causal_tiles(call, bs) & ~diagonal, self.top_k)
         return Sparsity(block_mask=chosen | diagonal, block_size=bs)
-
-
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool like `scores` (..., n): its k largest entries."""
-    k = min(k, scores.shape[-1])
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(
-        -1, scores.topk(k, dim=-1).indices, True)

@@ -79,14 +79,14 @@ class EntropyGuided(AttentionVariant):
     def temperatures(self, call: AttentionCall) -> torch.Tensor:
         """Float32 (batch, heads, Q): the temperature 1/beta this variant applies to each row."""
         return torch.cat([1 / self.inverse_temperature(reference.scores(call, rows))
-                          for rows in _chunks(call)], dim=2)
+                          for rows in reference.row_chunks(call.query.shape[2])], dim=2)
 
     @staticmethod
     def normalized_entropy(call: AttentionCall) -> torch.Tensor:
         """Float32 (batch, heads, Q): each row's plain softmax entropy over log(keys it sees), in [0, 1]
         (0 for rows over a single key). Its mean over queries is the per-head overload/collapse diagnostic."""
         parts = []
-        for rows in _chunks(call):
+        for rows in reference.row_chunks(call.query.shape[2]):
             scores = reference.scores(call, rows)
             parts.append(normalized(scores, torch.isfinite(scores).sum(-1).float().log()))
         return torch.cat(parts, dim=2)
@@ -96,8 +96,3 @@ def normalized(scores: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
     """Softmax entropy of each row over log(n); 0 where n = 1."""
     entropy = reference.row_entropy(torch.softmax(scores, dim=-1))
     return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), 0.0)
-
-
-def _chunks(call: AttentionCall):
-    q_len = call.query.shape[2]
-    return [slice(s, min(s + reference.ROW_CHUNK, q_len)) for s in range(0, q_len, reference.ROW_CHUNK)]

@@ -27,10 +27,8 @@ def attention_fidelity(call: AttentionCall, output: torch.Tensor, kept: torch.Te
               variant (None: the variant has no kept set, recall is NaN)"""
     value = call.value.float().repeat_interleave(call.groups, dim=1)
     output = output.float().transpose(1, 2)  # (batch, heads, q_len, head_dim)
-    q_len = call.query.shape[2]
     recalls, errors = [], []
-    for start in range(0, q_len, reference.ROW_CHUNK):
-        rows = slice(start, min(start + reference.ROW_CHUNK, q_len))
+    for rows in reference.row_chunks(call.query.shape[2]):
         probs = torch.softmax(reference.scores(call, rows), dim=-1)
         dense = torch.matmul(probs, value)
         difference = (output[:, :, rows] - dense).norm(dim=-1)

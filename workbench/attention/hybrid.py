@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.attention.sparsity import MaskedVariant, Sparsity, check_block_size, recent_keys, visible
+from workbench.attention import reference
+from workbench.attention.sparsity import MaskedVariant, Sparsity, check_block_size, recent_keys
 from workbench.errors import ParameterError
 from workbench.registry import param
 
@@ -39,12 +40,12 @@ class Hybrid(MaskedVariant):
         return layer >= self.offset and (layer - self.offset) % self.every == 0
 
     def sparsity(self, call) -> Sparsity:
-        if self.full_layer(getattr(call.module, "layer_idx", call.layer)):
+        if self.full_layer(call.layer):
             return Sparsity()
         if self.stride == 0:  # sinks + window alone run natively in the kernel
             return Sparsity(window=self.window, sinks=self.sinks)
         # a union (band OR strided blocks): one token mask; the kernel still skips tiles it leaves empty
         block = torch.arange(call.key.shape[2], device=call.query.device) // self.block_size
         strided = block % self.stride == 0
-        return Sparsity(mask=recent_keys(call, self.window, self.sinks) | (visible(call) & strided),
+        return Sparsity(mask=recent_keys(call, self.window, self.sinks) | (reference.allowed(call) & strided),
                         block_size=self.block_size)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.attention import reference
 from workbench.attention.sparsity import (MaskedVariant, Sparsity, check_block_size, key_tiles, last_query_probs,
                                           pooled_tile_scores, tile_queries, top_tiles)
 from workbench.errors import ParameterError
@@ -46,8 +47,7 @@ class PBS(MaskedVariant):
 
     def permutation(self, call) -> torch.Tensor:
         """Long (batch, kv_heads, K): slots in the order the kernel sees them (sorted within segments)."""
-        probs = last_query_probs(call, self.last_q).sum(2)
-        importance = probs.unflatten(1, (-1, call.groups)).sum(2)  # (batch, kv_heads, K)
+        importance = reference.group_key_mass(last_query_probs(call, self.last_q), call.groups)  # (B, KVH, K)
         k_len = importance.shape[-1]
         pad = -k_len % self.segment  # padding sorts last (below any probability) and is cut off again
         padded = torch.nn.functional.pad(importance, (0, pad), value=-1.0).unflatten(-1, (-1, self.segment))
@@ -61,9 +61,10 @@ class PBS(MaskedVariant):
         index = order[..., None].expand(-1, -1, -1, call.key.shape[-1])
         scores = pooled_tile_scores(call, bs, key=call.key.gather(2, index))
         first, last = tile_queries(call, bs)
-        segment_start = key_tiles(call, bs) // self.segment * self.segment
+        tiles = key_tiles(call, bs)
+        segment_start = tiles // self.segment * self.segment
         before = segment_start[None] + self.segment <= first[:, None]  # whole segment precedes the query tile
-        diagonal = ~before & (key_tiles(call, bs)[None] <= last[:, None])  # the rest, causally, in slot order
+        diagonal = ~before & (tiles[None] <= last[:, None])  # the rest, causally, in slot order
         chosen = top_tiles(scores, before, self.top_k)
         return Sparsity(block_mask=torch.cat([chosen, diagonal.expand_as(chosen)], dim=-1), block_size=bs,
                         order=order)

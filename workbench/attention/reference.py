@@ -46,20 +46,33 @@ def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probs).sum(-1)
 
 
-def dense_attention(call: AttentionCall, want: frozenset[str] = frozenset(), with_output: bool = True):
+def row_chunks(q_len: int) -> list[slice]:
+    """Query rows in chunks of ROW_CHUNK: what every chunked computation over attention rows iterates."""
+    return [slice(start, min(start + ROW_CHUNK, q_len)) for start in range(0, q_len, ROW_CHUNK)]
+
+
+def softmax_weights(scores: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention: the softmax rows both weigh the values and are the distribution."""
+    probs = torch.softmax(scores, dim=-1)
+    return probs, probs
+
+
+def dense_attention(call: AttentionCall, want: frozenset[str] = frozenset(), with_output: bool = True,
+                    weigh=softmax_weights):
     """Dense attention under the call's mask: (output, statistics).
 
     output is (batch, q_len, heads, head_dim) in the query dtype, or None when `with_output` is False (the
     caller has its own output and only needs the statistics); statistics holds what `want` names (see
-    workbench.attention.base.STATISTICS)."""
-    q_len = call.query.shape[2]
+    workbench.attention.base.STATISTICS). `weigh(scores, rows) -> (weights, distribution)` turns a chunk of
+    scaled scores (-inf where masked) into the weights that multiply the values and the row distribution the
+    statistics describe (both the softmax by default; variants that change the attention function pass their
+    own)."""
     value = call.value.float().repeat_interleave(call.groups, dim=1) if with_output else None
     outputs, parts = [], {name: [] for name in want}
-    for start in range(0, q_len, ROW_CHUNK):
-        rows = slice(start, min(start + ROW_CHUNK, q_len))
-        probs = torch.softmax(scores(call, rows), dim=-1)
+    for rows in row_chunks(call.query.shape[2]):
+        weights, probs = weigh(scores(call, rows), rows)
         if with_output:
-            outputs.append(torch.matmul(probs, value))
+            outputs.append(torch.matmul(weights, value))
         if "entropy" in want:
             parts["entropy"].append(row_entropy(probs))
         if "probs" in want:

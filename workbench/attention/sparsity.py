@@ -24,6 +24,7 @@ from workbench.attention import reference
 from workbench.attention.base import STATISTICS, AttentionCall, AttentionResult, AttentionVariant
 from workbench.errors import ParameterError
 from workbench.kernels.dispatch import use_triton
+from workbench.kernels.flash_attention import HEAD_DIMS, flash_attention
 
 
 @dataclass
@@ -56,18 +57,28 @@ class MaskedVariant(AttentionVariant):
     def sparsity(self, call: AttentionCall) -> Sparsity:
         raise NotImplementedError
 
+    def call_sparsity(self, call: AttentionCall) -> Sparsity:
+        """`sparsity(call)`, worked out once per call (attend and kept_mask share it)."""
+        return self._once(call, "sparsity", self.sparsity)
+
     def kept_mask(self, call: AttentionCall) -> torch.Tensor:
         """Bool (batch|1, 1|heads, Q, K): the keys each query may see under this variant."""
-        return dense_mask(call, self.sparsity(call))
+        return self._once(call, "kept_mask", lambda c: dense_mask(c, self.call_sparsity(c)))
+
+    def _once(self, call: AttentionCall, name: str, compute):
+        owner, value = call.memo.get(name, (None, None))
+        if owner is not self:  # a call may meet several variants (tests, comparisons): keep the latest one's
+            value = compute(call)
+            call.memo[name] = (self, value)
+        return value
 
     def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
         want = frozenset(want) & frozenset(STATISTICS)
-        sparsity = self.sparsity(call)
         fused = _fused_kernel(call)
         if fused is None:
-            output, statistics = reference.dense_attention(masked(call, dense_mask(call, sparsity)), want)
+            output, statistics = reference.dense_attention(masked(call, self.kept_mask(call)), want)
             return AttentionResult(output, **statistics)
-        return _attend_fused(fused, call, sparsity, want)
+        return _attend_fused(fused, call, self.call_sparsity(call), want, self.kept_mask)
 
 
 # -- the dense mask --------------------------------------------------------------------------------------------
@@ -75,11 +86,6 @@ def query_slots(call: AttentionCall) -> torch.Tensor:
     """Long (Q,): the key slot of each query."""
     q_len, k_len = call.query.shape[2], call.key.shape[2]
     return torch.arange(k_len - q_len, k_len, device=call.query.device)
-
-
-def visible(call: AttentionCall) -> torch.Tensor:
-    """Bool (batch|1, 1|heads, Q, K): what plain attention may see (the cache's slot mask, else causal)."""
-    return reference.allowed(call)
 
 
 def recent(seen: torch.Tensor, window: int, sinks: int = 0) -> torch.Tensor:
@@ -137,7 +143,7 @@ def unpermute_keys(mask: torch.Tensor, order: torch.Tensor, groups: int) -> torc
 def dense_mask(call: AttentionCall, sparsity: Sparsity) -> torch.Tensor:
     """Bool (batch|1, 1|heads, Q, K) in slot order: causality (or the cache's slot mask) AND the pattern."""
     q_len, k_len = call.query.shape[2], call.key.shape[2]
-    keep = recent_keys(call, sparsity.window, sparsity.sinks) if sparsity.window > 0 else visible(call)
+    keep = recent_keys(call, sparsity.window, sparsity.sinks) if sparsity.window > 0 else reference.allowed(call)
     pattern = None
     if sparsity.block_mask is not None:
         tiles = sparsity.block_mask
@@ -161,13 +167,9 @@ def masked(call: AttentionCall, mask: torch.Tensor) -> AttentionCall:
 def _fused_kernel(call: AttentionCall):
     """workbench.kernels.flash_attention for this call, or None where the torch reference must run (CPU,
     no Triton, soft-capped scores or a head size the kernel does not implement)."""
-    if call.kwargs.get("softcap") or not use_triton(call.query, "flash_attention"):
+    if call.kwargs.get("softcap") or call.query.shape[-1] not in HEAD_DIMS:
         return None
-    try:
-        from workbench.kernels.flash_attention import HEAD_DIMS, flash_attention
-    except ImportError:  # the kernel is not in this checkout: the reference computes the same attention
-        return None
-    return flash_attention if call.query.shape[-1] in HEAD_DIMS else None
+    return flash_attention if use_triton(call.query, "flash_attention") else None
 
 
 def kernel_arguments(call: AttentionCall, sparsity: Sparsity) -> dict:
@@ -218,7 +220,7 @@ def _per_head(block_mask: torch.Tensor | None, call: AttentionCall) -> torch.Ten
     return block_mask.expand(-1, call.query.shape[1], -1, -1)
 
 
-def _attend_fused(flash_attention, call: AttentionCall, sparsity: Sparsity, want: frozenset[str]):
+def _attend_fused(flash_attention, call: AttentionCall, sparsity: Sparsity, want: frozenset[str], kept_mask):
     args = kernel_arguments(call, sparsity)
     out = flash_attention(call.query, args.pop("key"), args.pop("value"), scaling=call.scaling, **args,
                           entropy="entropy" in want, key_mass="key_mass" in want)
@@ -228,7 +230,7 @@ def _attend_fused(flash_attention, call: AttentionCall, sparsity: Sparsity, want
         key_mass = key_mass[..., -k_len:].scatter_add(-1, sparsity.order, key_mass[..., :k_len])
     probs = None
     if "probs" in want:  # rows are only materialized for the heads the observer keeps
-        probs = reference.head_rows(masked(call, dense_mask(call, sparsity)), call.probs_heads)
+        probs = reference.head_rows(masked(call, kept_mask(call)), call.probs_heads)
     return AttentionResult(out.output, entropy=out.entropy if "entropy" in want else None, probs=probs,
                            key_mass=key_mass)
 
@@ -241,7 +243,7 @@ def last_query_probs(call: AttentionCall, last_q: int) -> torch.Tensor:
     rows = slice(q_len - min(last_q, q_len), q_len)
     s = torch.matmul(call.query[:, :, rows].float(),
                      call.key.float().repeat_interleave(call.groups, dim=1).transpose(-1, -2)) * call.scaling
-    return torch.softmax(s.masked_fill(~visible(call)[:, :, rows], float("-inf")), dim=-1)
+    return torch.softmax(s.masked_fill(~reference.allowed(call, rows), float("-inf")), dim=-1)
 
 
 def tile_queries(call: AttentionCall, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,13 +295,13 @@ def _tile_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def top_tiles(scores: torch.Tensor, eligible: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Bool like `scores`: the `top_k` highest-scoring eligible tiles of each row (fewer when fewer are
-    eligible)."""
+def top_tiles(scores: torch.Tensor, eligible: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """Bool like `scores` (..., n): the `top_k` highest-scoring eligible entries of each row (fewer when fewer
+    are eligible; every entry is eligible when `eligible` is None). Used for tiles, pages, keys and lines."""
     k = min(top_k, scores.shape[-1])
-    ranked = scores.masked_fill(~eligible, float("-inf")).topk(k, dim=-1).indices
+    ranked = (scores if eligible is None else scores.masked_fill(~eligible, float("-inf"))).topk(k, dim=-1).indices
     chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, ranked, True)
-    return chosen & eligible
+    return chosen if eligible is None else chosen & eligible
 
 
 def check_block_size(component, block_size: int, name: str = "block_size") -> None:

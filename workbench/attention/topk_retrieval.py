@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.attention import reference
-from workbench.attention.sparsity import MaskedVariant, Sparsity, recent_keys, visible
+from workbench.attention.sparsity import MaskedVariant, Sparsity, recent_keys, top_tiles
 from workbench.registry import param
 
 
@@ -37,23 +37,16 @@ class TopKRetrieval(MaskedVariant):
     window: int = param(16, "recent keys every query sees, itself included (0 = none)", min=0, max=131072)
 
     def sparsity(self, call) -> Sparsity:
-        seen = visible(call)
+        seen = reference.allowed(call)
         retrieved = self.exact(call, seen) if self.select == "exact" else self.pages(call, seen)
         return Sparsity(mask=retrieved | recent_keys(call, self.window, self.sinks), block_size=64)
 
     def exact(self, call, seen: torch.Tensor) -> torch.Tensor:
         """Bool (batch, heads, Q, K): each row's top_k visible keys by q.k."""
         key = call.key.float().repeat_interleave(call.groups, dim=1)
-        k = min(self.top_k, key.shape[2])
-        chunks = []
-        for start in range(0, call.query.shape[2], reference.ROW_CHUNK):
-            rows = slice(start, start + reference.ROW_CHUNK)
-            scores = torch.matmul(call.query[:, :, rows].float(), key.transpose(-1, -2))
-            allowed = seen[:, :, rows]
-            best = scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
-            chunks.append(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-                          .scatter_(-1, best, True) & allowed)
-        return torch.cat(chunks, dim=2)
+        return torch.cat([top_tiles(torch.matmul(call.query[:, :, rows].float(), key.transpose(-1, -2)),
+                                    seen[:, :, rows], self.top_k)
+                          for rows in reference.row_chunks(call.query.shape[2])], dim=2)
 
     def pages(self, call, seen: torch.Tensor) -> torch.Tensor:
         """Bool (batch, heads, Q, K): the keys of each row's best pages by Quest's upper bound."""
@@ -69,6 +62,5 @@ class TopKRetrieval(MaskedVariant):
                  + torch.matmul(query.clamp_max(0), kmin.transpose(-1, -2)))  # (batch, heads, Q, pages)
         any_seen = torch.nn.functional.pad(seen, (0, pad)).unflatten(-1, (-1, size)).any(-1)
         n_pages = min(math.ceil(self.top_k / size), bound.shape[-1])
-        best = bound.masked_fill(~any_seen, float("-inf")).topk(n_pages, dim=-1).indices
-        chosen = torch.zeros(bound.shape, dtype=torch.bool, device=bound.device).scatter_(-1, best, True)
+        chosen = top_tiles(bound, any_seen, n_pages)
         return chosen.repeat_interleave(size, dim=-1)[..., :k_len] & seen

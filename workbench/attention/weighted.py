@@ -18,20 +18,5 @@ Weigh = Callable[[torch.Tensor, slice], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def weighted_attention(call: AttentionCall, want: frozenset[str], weigh: Weigh) -> AttentionResult:
-    want = frozenset(want) & frozenset(STATISTICS)
-    value = call.value.float().repeat_interleave(call.groups, dim=1)
-    outputs, entropy, probs, key_mass = [], [], [], None
-    for start in range(0, call.query.shape[2], reference.ROW_CHUNK):
-        rows = slice(start, min(start + reference.ROW_CHUNK, call.query.shape[2]))
-        weights, distribution = weigh(reference.scores(call, rows), rows)
-        outputs.append(torch.matmul(weights, value))
-        if "entropy" in want:
-            entropy.append(reference.row_entropy(distribution))
-        if "probs" in want:
-            probs.append(distribution)
-        if "key_mass" in want:
-            mass = reference.group_key_mass(distribution, call.groups)
-            key_mass = mass if key_mass is None else key_mass + mass
-    output = torch.cat(outputs, dim=2).transpose(1, 2).to(call.query.dtype)
-    return AttentionResult(output, entropy=torch.cat(entropy, dim=2) if entropy else None,
-                           probs=torch.cat(probs, dim=2) if probs else None, key_mass=key_mass)
+    output, statistics = reference.dense_attention(call, frozenset(want) & frozenset(STATISTICS), weigh=weigh)
+    return AttentionResult(output, **statistics)

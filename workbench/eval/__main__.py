@@ -94,10 +94,7 @@ def main(argv=None) -> int:
             policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
         tasks = build_tasks(args)
-        if args.model and args.model.startswith("tiny:"):
-            model = wb.tiny(args.model.split(":", 1)[1], device=args.device or "cpu")
-        else:
-            model = wb.load(args.model, device=args.device)
+        model = wb.load(args.model, device=args.device)
         grid = {policy: budgets for policy in policies}
         print(f"model {model.name} on {model.device}; policies {', '.join(policies)}; budgets {budgets}; "
               f"tasks {', '.join(t.label for t in tasks)}; seeds {args.seeds}", flush=True)

@@ -18,7 +18,6 @@ tests/test_eval.py checks, for every registered policy, that replay and a real p
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -44,11 +43,10 @@ class PrefillRecord:
         recording = _Recording(attention)
         kv = cache_family.get("full").build(model)
         tensor = torch.tensor([ids], device=model.device)
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
         with torch.inference_mode(), use_attention(model.hf, recording, None, kv):
             kv.see_tokens(tensor)
             out = model.hf(input_ids=tensor, past_key_values=kv, use_cache=True,
-                           position_ids=torch.arange(len(ids), device=model.device)[None], **keep)
+                           position_ids=torch.arange(len(ids), device=model.device)[None], **model.keep_logits(1))
         return cls(ids, recording.calls, recording.outputs, out.logits[0, -1].float())
 
     def replay(self, kv) -> bool:

@@ -17,7 +17,6 @@ cannot be replayed (`session.replayed` says which happened).
 
 from __future__ import annotations
 
-import inspect
 from contextlib import ExitStack
 from typing import Any
 
@@ -38,7 +37,6 @@ class CacheSession:
         self.peak_bytes = 0  # the most the cache held after any forward pass
         self._stack: ExitStack | None = None
         self.replayed = False
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.hf.forward).parameters
 
     def __enter__(self) -> CacheSession:
         self.kv = self.policy.build(self.model)
@@ -75,7 +73,7 @@ class CacheSession:
         ids = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(1, -1)
         n = ids.shape[1]
         positions = torch.arange(self.position, self.position + n, device=device)[None]
-        keep = {"logits_to_keep": 1} if self._logits_to_keep and not all_logits else {}
+        keep = {} if all_logits else self.model.keep_logits(1)
         self.kv.see_tokens(ids)
         logits = self.model.hf(input_ids=ids, past_key_values=self.kv, position_ids=positions, use_cache=True,
                                **keep).logits[0].float()

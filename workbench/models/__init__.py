@@ -23,10 +23,13 @@ def load(name: str | None = None, *, device: str | torch.device | None = None,
     """Load a causal language model with its tokenizer.
 
     name   -- None (or "smollm2") for the embedded SmolLM2-135M-Instruct; a Hugging Face id ("org/name") found
-              in the local HF cache or online; a local directory; or a local .gguf file.
+              in the local HF cache or online; a local directory; a local .gguf file; or "tiny:<family>" for
+              `tiny(family)` (CPU, float32 unless device/dtype say otherwise).
     device -- default CUDA when available, else CPU.
     dtype  -- default bfloat16 on CUDA, float32 on CPU.
     """
+    if name is not None and name.startswith("tiny:"):
+        return tiny(name.split(":", 1)[1], device=device or "cpu", dtype=dtype or "float32")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,16 @@ class Model:
     tokenizer: Any
     name: str
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def keep_logits(self, n: int) -> dict[str, int]:
+        """Forward kwargs asking for the logits of the last `n` positions only (`logits_to_keep`), where the
+        model's forward takes it; {} otherwise (the caller slices)."""
+        takes_it = "logits_to_keep" in inspect.signature(self.hf.forward).parameters
+        return {"logits_to_keep": n} if takes_it else {}
 
     @property
     def config(self):
@@ -79,7 +90,7 @@ class Model:
             bad = [m for m in prompt if "role" not in m or "content" not in m]
             if bad:
                 raise PromptError(f"chat messages need 'role' and 'content' keys; got {bad[0]!r}")
-            if not getattr(self.tokenizer, "chat_template", None):
+            if not self.has_chat_template:
                 raise PromptError(f"model {self.name!r} has no chat template; pass a plain text prompt instead")
             ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
                                                      return_tensors="pt", return_dict=True)["input_ids"]

@@ -12,7 +12,6 @@ over the full cache, so only a (heads, steps, positions) slice of attention is e
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,11 +42,11 @@ def dense_replay(model: Model, prompt_ids: torch.Tensor, generated: list[int],
     cache = DynamicCache(config=model.hf.config)
     with torch.inference_mode():
         if head.shape[1]:
-            model.hf(input_ids=head, past_key_values=cache, use_cache=True, **_keep_last(model, 1))
+            model.hf(input_ids=head, past_key_values=cache, use_cache=True, **model.keep_logits(1))
         with use_attention(model.hf, "sdpa", observer=probe):
             positions = torch.arange(head.shape[1], ids.shape[1], device=ids.device)[None]
             logits = model.hf(input_ids=tail, past_key_values=cache, position_ids=positions, use_cache=True,
-                              **_keep_last(model, steps)).logits[0, -steps:]
+                              **model.keep_logits(steps)).logits[0, -steps:]
     dropped = None if probe is None else np.stack([probe.mass[layer] for layer in range(model.num_layers)], 1)
     return DenseReplay(torch.log_softmax(logits.float(), dim=-1), dropped)
 
@@ -82,7 +81,3 @@ class _DroppedMassProbe:
         probs = result.probs[0].float()  # (heads, steps, positions)
         gone = self.gone[call.layer].to(probs.device).repeat_interleave(self.groups, dim=0)
         self.mass[call.layer] = (probs * gone).sum(-1).T.cpu().numpy()  # (steps, heads)
-
-
-def _keep_last(model: Model, n: int) -> dict:
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}

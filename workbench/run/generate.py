@@ -6,7 +6,6 @@ explicit positions so caches that evict tokens still give every token its true R
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -83,10 +82,10 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
 
 def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, stream, progress):
     hf, device = model.hf, model.device
+    keep_last = model.keep_logits(1)
     kv = components["cache"].build(model)
     decoder = components["decoder"]
     decoder.start(device)
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
     observer = recorder if recorder.observes_attention else None
     bar = _progress_bar(max_new_tokens) if progress else None
     generated, step_seconds, peak_bytes, finish = [], [], 0, "length"

@@ -165,9 +165,9 @@ class Recorder:
             records["attention_entropy"] = rows[:, :, -1]
             self.steps["attention_entropy"].append(records["attention_entropy"])
         if "attention" in names:
-            layers = [self._probs[layer] for layer in self.attention_layers]
-            width = max(rows.shape[-1] for rows in layers)  # layers may hold different key counts
-            rows = torch.stack([torch.nn.functional.pad(rows, (0, width - rows.shape[-1])) for rows in layers])
+            per_layer = [self._probs[layer] for layer in self.attention_layers]
+            width = max(p.shape[-1] for p in per_layer)  # layers may hold different key counts
+            rows = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in per_layer])
             rows = rows.cpu().numpy()
             if prefill:
                 self.prompt_attention = rows

@@ -13,7 +13,7 @@ import xarray as xr
 from workbench.viz import style
 from workbench.viz.backend import ensure_bokeh
 from workbench.viz.inputs import (as_trace, check_choice, position_tokens, prompt_length, require, require_steps,
-                                  step_tokens, token_ticks)
+                                  step_tokens, token_ticks, tokens_at)
 
 RECORD_HINT = " (choose them with record={'attention': {'layers': [...], 'heads': [...]}})"
 
@@ -43,9 +43,9 @@ def _prompt_matrix(trace: xr.Dataset, layer: int, head: int) -> hv.HeatMap:
     tokens = position_tokens(trace)[:n_prompt]
     query, key = np.meshgrid(np.arange(n_prompt), np.arange(n_prompt), indexing="ij")
     visible = key <= query  # causal: keys after the query were never attended to
-    data = pd.DataFrame({"key": key[visible], "query": query[visible], "attention": weights[visible].astype(float)})
-    data["query_token"] = [tokens[q] for q in data["query"]]
-    data["key_token"] = [tokens[k] for k in data["key"]]
+    key, query = key[visible], query[visible]
+    data = pd.DataFrame({"key": key, "query": query, "attention": weights[visible].astype(float),
+                         "query_token": tokens_at(tokens, query), "key_token": tokens_at(tokens, key)})
     ticks = token_ticks(tokens)
     return hv.HeatMap(data, ["key", "query"], ["attention", "query_token", "key_token"]).opts(
         backend="bokeh",
@@ -63,12 +63,12 @@ def _step_row(trace: xr.Dataset, layer: int, head: int, step: int) -> hv.Spikes:
     keys = np.flatnonzero(seen)
     # rows are over token positions (the recorder maps cache slots back; evicted positions hold 0)
     tokens = position_tokens(trace)
-    key_tokens, xlabel, ticks = [tokens[i] for i in keys], "position", token_ticks(tokens[:len(keys)])
-    data = pd.DataFrame({"key": keys, "attention": row[seen].astype(float), "key_token": key_tokens})
+    data = pd.DataFrame({"key": keys, "attention": row[seen].astype(float), "key_token": tokens_at(tokens, keys)})
     data["token"] = chosen
-    opts = dict(xticks=ticks, xrotation=90) if ticks else {}
     return hv.Spikes(data, "key", ["attention", "key_token", "token"]).opts(
         backend="bokeh", title=f"attention of step {step} (token '{chosen}'), layer {layer} head {head}",
-        xlabel=xlabel, ylabel="attention weight",
-        hover_tooltips=[("token", "@{token}"), (xlabel, "@{key} @{key_token}"), ("attention", "@{attention}{0.0000}")],
-        tools=["hover"], line_width=3, color=style.RUN_COLORS[0], width=style.WIDTH, height=style.HEIGHT, **opts)
+        xlabel="position", ylabel="attention weight",
+        hover_tooltips=[("token", "@{token}"), ("position", "@{key} @{key_token}"),
+                        ("attention", "@{attention}{0.0000}")],
+        tools=["hover"], line_width=3, color=style.RUN_COLORS[0], width=style.WIDTH, height=style.HEIGHT,
+        xticks=token_ticks(tokens[:len(keys)]), xrotation=90)

@@ -15,7 +15,8 @@ from workbench.trace import cache_alive
 from workbench.viz import style
 from workbench.viz.backend import ensure_bokeh
 from workbench.viz.inputs import (as_trace, check_choice, index_ticks, position_tokens, prompt_length, require,
-                                  require_steps, step_tokens, token_ticks)
+                                  require_steps, step_tokens, token_ticks, tokens_at)
+from workbench.viz.shapes import step_curve
 
 CACHE_VARIABLES = ("cache_evicted_at", "cache_merged_into", "cache_bytes")
 
@@ -48,7 +49,7 @@ def cache_occupancy(trace: Any, layer: int = 0, kv_head: int = 0) -> hv.Rectangl
     data = pd.DataFrame(spans, columns=["position", "first_step", "last_step", "state"])
     data["x0"], data["x1"] = data["position"] - 0.5, data["position"] + 0.5
     data["y0"], data["y1"] = data["first_step"] - 0.5, data["last_step"] + 0.5
-    data["token"] = [tokens[p] for p in data["position"]]
+    data["token"] = tokens_at(tokens, data["position"])
     data["merged_into"] = [_merge_target(merged_into[p], tokens) if s == "merged" else ""
                            for p, s in zip(data["position"], data["state"])]
     present = [s for s in style.CACHE_STATE_COLORS if s in set(data["state"])]
@@ -86,11 +87,6 @@ def cache_bytes(trace: Any, *, title: str | None = None) -> hv.Curve:
     trace = as_trace(trace)
     require(trace, "cache_bytes", purpose="cache memory")
     require_steps(trace, "cache memory")
-    data = pd.DataFrame({"step": trace["step"].values, "cache_bytes": trace["cache_bytes"].values,
-                         "token": step_tokens(trace)})
-    return hv.Curve(data, "step", ["cache_bytes", "token"]).opts(
-        backend="bokeh",
-        title=title or "KV cache memory", xlabel="step (generated token)", ylabel="bytes held by the KV cache",
-        hover_tooltips=[("step", "@{step}"), ("token", "@{token}"), ("cache", "@{cache_bytes}{0.00 b}")],
-        hover_mode="vline", tools=["hover"], yformatter=NumeralTickFormatter(format="0.0 b"), ylim=(0, None),
-        width=style.WIDTH, height=style.HEIGHT, line_width=2)
+    return step_curve(trace, "cache_bytes", trace["cache_bytes"].values, step_tokens(trace),
+                      title=title or "KV cache memory", ylabel="bytes held by the KV cache",
+                      hover=("cache", "{0.00 b}"), yformatter=NumeralTickFormatter(format="0.0 b"), ylim=(0, None))

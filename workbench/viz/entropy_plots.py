@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import holoviews as hv
-import pandas as pd
 
 from workbench.viz import style
 from workbench.viz.backend import ensure_bokeh
 from workbench.viz.inputs import as_trace, check_choice, index_ticks, require, require_steps, step_tokens
+from workbench.viz.shapes import step_curve, step_layer_heatmap
 
 
 def entropy_curve(trace: Any, *, title: str | None = None) -> hv.Curve:
@@ -19,12 +19,8 @@ def entropy_curve(trace: Any, *, title: str | None = None) -> hv.Curve:
     trace = as_trace(trace)
     require(trace, "entropy", purpose="next-token entropy")
     require_steps(trace, "entropy")
-    data = pd.DataFrame({"step": trace["step"].values, "entropy": trace["entropy"].values.astype(float),
-                         "token": step_tokens(trace)})
-    return hv.Curve(data, "step", ["entropy", "token"]).opts(
-        backend="bokeh", title=title or "next-token entropy", xlabel="step (generated token)", ylabel="entropy (nats)",
-        hover_tooltips=[("step", "@{step}"), ("token", "@{token}"), ("entropy", "@{entropy}{0.000} nats")],
-        hover_mode="vline", tools=["hover"], width=style.WIDTH, height=style.HEIGHT, line_width=2)
+    return step_curve(trace, "entropy", trace["entropy"].values.astype(float), step_tokens(trace),
+                      title=title or "next-token entropy", ylabel="entropy (nats)", hover=("entropy", "{0.000} nats"))
 
 
 def entropy_heatmap(trace: Any, head: int | None = None) -> hv.HeatMap:
@@ -40,18 +36,9 @@ def entropy_heatmap(trace: Any, head: int | None = None) -> hv.HeatMap:
     else:
         head = check_choice(head, trace["head"].values, "head")
         values, which = values.sel(head=head), f"head {head}"
-    data = values.transpose("step", "layer").to_dataframe(name="attention_entropy").reset_index()
-    data = data[["step", "layer", "attention_entropy"]]
-    tokens = step_tokens(trace)
-    data["token"] = [tokens[s] for s in data["step"]]
-    return hv.HeatMap(data, ["step", "layer"], ["attention_entropy", "token"]).opts(
-        backend="bokeh",
-        title=f"attention entropy by step and layer ({which})", xlabel="step (generated token)", ylabel="layer",
-        hover_tooltips=[("step", "@{step}"), ("token", "@{token}"), ("layer", "@{layer}"),
-                        ("entropy", "@{attention_entropy}{0.000} nats")],
-        tools=["hover"], cmap=style.HEATMAP_CMAP, colorbar=True, colorbar_opts={"title": "nats"},
-        xticks=index_ticks(trace["step"].values, most=12), yticks=index_ticks(trace["layer"].values),
-        width=style.WIDTH, height=style.HEIGHT)
+    return step_layer_heatmap(trace, "attention_entropy", values, step_tokens(trace),
+                              title=f"attention entropy by step and layer ({which})",
+                              hover=("entropy", "{0.000} nats"), colorbar_title="nats")
 
 
 def head_entropy_map(trace: Any, step: int | None = None) -> hv.HeatMap:

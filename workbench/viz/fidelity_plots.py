@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import holoviews as hv
-import pandas as pd
 import xarray as xr
 
 from workbench.errors import WorkbenchError
-from workbench.viz import style
 from workbench.viz.backend import ensure_bokeh
-from workbench.viz.inputs import as_trace, index_ticks, require_steps, step_tokens
+from workbench.viz.inputs import as_trace, require_steps, step_tokens
+from workbench.viz.shapes import step_curve, step_layer_heatmap
 
 FIDELITY = {
     "attention_recall": "attention recall (share of dense attention mass the variant kept)",
@@ -43,31 +42,18 @@ def fidelity(trace: Any) -> hv.Layout:
                              "generating to plot how closely the attention variant followed dense attention "
                              "(e.g. wb.generate(..., record=['fidelity']))")
     require_steps(trace, "fidelity")
-    return hv.Layout([_fidelity_plot(trace, name) for name in present]).cols(1)
+    tokens = step_tokens(trace)
+    return hv.Layout([_fidelity_plot(trace, name, tokens) for name in present]).cols(1)
 
 
-def _fidelity_plot(trace: xr.Dataset, name: str) -> hv.Element:
-    values = trace[name]
-    if "step" not in values.dims:
-        raise WorkbenchError(f"cannot plot {name}: it has dims {values.dims}, expected a 'step' dimension")
+def _fidelity_plot(trace: xr.Dataset, name: str, tokens: list[str]) -> hv.Element:
+    values = trace[name]  # every fidelity variable is per step: (step,) or (step, layer, head)
     units = values.attrs.get("units", "")
     label = f"{name} ({units})" if units else name
-    tokens = step_tokens(trace)
     if "layer" in values.dims:
         values = values.mean([d for d in values.dims if d not in ("step", "layer")])
-        data = values.transpose("step", "layer").to_dataframe(name=name).reset_index()[["step", "layer", name]]
-        data["token"] = [tokens[s] for s in data["step"]]
         reduced = " (mean over heads)" if "head" in trace[name].dims else ""
-        return hv.HeatMap(data, ["step", "layer"], [name, "token"]).opts(
-            backend="bokeh", title=FIDELITY[name] + reduced, xlabel="step (generated token)", ylabel="layer",
-            hover_tooltips=[("step", "@{step}"), ("token", "@{token}"), ("layer", "@{layer}"),
-                            (name, "@{" + name + "}{0.0000}")],
-            tools=["hover"], cmap=style.HEATMAP_CMAP, colorbar=True, colorbar_opts={"title": label},
-            xticks=index_ticks(trace["step"].values, most=12), yticks=index_ticks(trace["layer"].values),
-            width=style.WIDTH, height=style.HEIGHT)
-    values = values.mean([d for d in values.dims if d != "step"]) if values.ndim > 1 else values
-    data = pd.DataFrame({"step": trace["step"].values, name: values.values.astype(float), "token": tokens})
-    return hv.Curve(data, "step", [name, "token"]).opts(
-        backend="bokeh", title=FIDELITY[name], xlabel="step (generated token)", ylabel=label,
-        hover_tooltips=[("step", "@{step}"), ("token", "@{token}"), (name, "@{" + name + "}{0.0000}")],
-        hover_mode="vline", tools=["hover"], width=style.WIDTH, height=style.HEIGHT, line_width=2)
+        return step_layer_heatmap(trace, name, values, tokens, title=FIDELITY[name] + reduced,
+                                  hover=(name, "{0.0000}"), colorbar_title=label)
+    return step_curve(trace, name, values.values.astype(float), tokens, title=FIDELITY[name], ylabel=label,
+                      hover=(name, "{0.0000}"))

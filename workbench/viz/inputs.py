@@ -16,17 +16,19 @@ RECORDED_BY = {
     "attention": "attention", "prompt_attention": "attention", "logits": "logits",
     "cache_bytes": "cache", "cache_tokens": "cache", "cache_evicted_at": "cache", "cache_merged_into": "cache",
     "attention_recall": "fidelity", "attention_output_error": "fidelity", "kl_vs_dense": "fidelity",
+    "cache_dropped_mass": "fidelity",
 }
 
 
-def as_trace(run_or_trace: Any) -> xr.Dataset:
-    """The trace of a Run, or the Dataset itself (e.g. one read back with wb.load_trace)."""
+def as_trace(run_or_trace: Any, taker: str = "plots take") -> xr.Dataset:
+    """The trace of a Run, or the Dataset itself (e.g. one read back with wb.load_trace); `taker` begins the error
+    message for anything else."""
     if isinstance(run_or_trace, xr.Dataset):
         return run_or_trace
     trace = getattr(run_or_trace, "trace", None)
     if isinstance(trace, xr.Dataset):
         return trace
-    raise WorkbenchError(f"plots take a Run or its trace (an xarray.Dataset), got {type(run_or_trace).__name__}")
+    raise WorkbenchError(f"{taker} a Run or its trace (an xarray.Dataset), got {type(run_or_trace).__name__}")
 
 
 def require(trace: xr.Dataset, *names: str, purpose: str) -> None:
@@ -101,14 +103,19 @@ def position_tokens(trace: xr.Dataset) -> list[str]:
     return [readable(str(t)) for t in trace["position_token"].values]
 
 
+def tokens_at(tokens: list[str], indices) -> np.ndarray:
+    """The token text at each index (a step or position), as an object array for a DataFrame column."""
+    return np.asarray(tokens, dtype=object)[np.asarray(indices, dtype=np.intp)]
+
+
 def prompt_length(trace: xr.Dataset) -> int:
     return int(trace["is_prompt"].values.sum())
 
 
-def token_ticks(tokens: list[str], start: int = 0, most: int = 48) -> list[tuple[int, str]]:
+def token_ticks(tokens: list[str], most: int = 48) -> list[tuple[int, str]]:
     """Axis ticks naming tokens: every token when there are few, else every k-th so that labels stay legible."""
     every = max(1, -(-len(tokens) // most))
-    return [(start + i, text) for i, text in enumerate(tokens) if i % every == 0]
+    return [(i, text) for i, text in enumerate(tokens) if i % every == 0]
 
 
 def index_ticks(values, most: int = 20) -> list[int]:

@@ -16,12 +16,11 @@ one by hand:
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 import ipywidgets as widgets
 
-from workbench.registry import ParamSpec
+from workbench.registry import ParamSpec, accepts_none, value_types
 
 STYLE = {"description_width": "initial"}
 UNBOUNDED = 1e12  # what Bounded*Text widgets use for a side the declaration leaves open
@@ -35,7 +34,7 @@ def control_for(spec: ParamSpec, int_limit: int = 4096) -> widgets.ValueWidget:
         return widgets.Dropdown(options=list(spec.choices), value=spec.default, **common)
     if kind is bool:
         return widgets.Checkbox(value=bool(spec.default), indent=False, **common)
-    if _accepts_none(spec.type) or kind is None:
+    if accepts_none(spec.type) or kind is None:
         text = "" if spec.default is None else str(spec.default)
         return widgets.Text(value=text, placeholder="None", **common)
     if kind is int:
@@ -49,7 +48,7 @@ def value_of(control: widgets.ValueWidget, spec: ParamSpec) -> Any:
     """The parameter value a control holds. Text boxes give their text for the registry to convert to the
     declared type; an empty box means None where the parameter accepts None."""
     value = control.value
-    if isinstance(control, widgets.Text) and _accepts_none(spec.type):
+    if isinstance(control, widgets.Text) and accepts_none(spec.type):
         value = value.strip()
         return None if value == "" else value
     return value
@@ -77,11 +76,7 @@ def _float_control(spec: ParamSpec, common: dict) -> widgets.ValueWidget:
                                     max=spec.max if spec.max is not None else UNBOUNDED, **common)
 
 
-def _accepts_none(tp: Any) -> bool:
-    return type(None) in typing.get_args(tp)
-
-
 def _base_type(tp: Any) -> type | None:
     """int for `int`, `int | None` -> int; None when the declaration names no single plain type."""
-    options = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    options = value_types(tp)
     return options[0] if len(options) == 1 and options[0] in (bool, int, float, str) else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+import holoviews as hv
 import numpy as np
 import pandas as pd
 from holoviews.streams import Buffer, Pipe
@@ -30,7 +31,8 @@ class LivePlots:
         self.entropy = Buffer(_frame("entropy", float), length=MAX_ROWS, index=False)
         self.cache_bytes = Buffer(_frame("cache_bytes", np.int64), length=MAX_ROWS, index=False)
         self.attention = Pipe(data=self._blank())
-        self._pending: dict[str, list] = {"entropy": [], "cache_bytes": []}
+        self._buffers = {"entropy": self.entropy, "cache_bytes": self.cache_bytes}
+        self._pending: dict[str, list] = {name: [] for name in self._buffers}
         self._latest_attention: np.ndarray | None = None
 
     def add(self, event: StepEvent) -> None:
@@ -44,7 +46,7 @@ class LivePlots:
 
     def flush(self) -> None:
         """Send the records kept since the last flush to the streams (each stream redraws its plot once)."""
-        for name, buffer in (("entropy", self.entropy), ("cache_bytes", self.cache_bytes)):
+        for name, buffer in self._buffers.items():
             rows = self._pending[name]
             if rows:
                 buffer.send(pd.DataFrame(rows, columns=["step", name]))
@@ -58,16 +60,16 @@ class LivePlots:
         for rows in self._pending.values():
             rows.clear()
         self._latest_attention = None
-        self.entropy.clear()
-        self.cache_bytes.clear()
+        for buffer in self._buffers.values():
+            buffer.clear()
         self.attention.send(self._blank())
 
     def layout(self):
         """The three live plots side by side, as a HoloViews Layout of DynamicMaps."""
-        import holoviews as hv
         from bokeh.models import NumeralTickFormatter
 
         from workbench.viz.backend import ensure_bokeh
+        from workbench.viz.style import HEATMAP_CMAP
 
         ensure_bokeh()  # the plot options below are bokeh's
         common = {"width": 320, "height": 240, "framewise": True, "tools": ["hover"]}
@@ -77,25 +79,19 @@ class LivePlots:
             hv.opts.Curve(title="KV cache size", color="#c45a00", yformatter=NumeralTickFormatter(format="0.00 b"),
                           **common))
         attention = hv.DynamicMap(self._attention_image, streams=[self.attention]).opts(
-            hv.opts.Image(title="attention entropy, latest step", cmap="viridis", colorbar=True, **common))
+            hv.opts.Image(title="attention entropy, latest step", cmap=HEATMAP_CMAP, colorbar=True, **common))
         return (entropy + cache + attention).cols(3)
 
     # -- DynamicMap callbacks: data in, element out ------------------------------------------------------------
     @staticmethod
     def _entropy_curve(data):
-        import holoviews as hv
-
         return hv.Curve(data, "step", "entropy")
 
     @staticmethod
     def _cache_curve(data):
-        import holoviews as hv
-
         return hv.Curve(data, "step", "cache_bytes")
 
     def _attention_image(self, data):
-        import holoviews as hv
-
         # Image rows run top to bottom: flip so layer 0 sits at the bottom
         bounds = (-0.5, -0.5, self.num_heads - 0.5, self.num_layers - 0.5)
         return hv.Image(np.flipud(data), bounds=bounds, kdims=["head", "layer"], vdims=["attention_entropy"])

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 from workbench.errors import ParameterError, WorkbenchError
 from workbench.models import Model
 from workbench.run import Run, StepEvent, generate
-from workbench.trace import RECORDABLE
+from workbench.trace import RECORDABLE, RecordSpec
 from workbench.widgets.configuration import Configuration
 from workbench.widgets.live import LivePlots, Throttle
 from workbench.widgets.messages import error_html, text_html
@@ -71,17 +71,13 @@ class Workbench:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 not 1 <= max_new_tokens <= token_limit:
             raise ParameterError(f"max_new_tokens must be an integer from 1 to {token_limit}, got {max_new_tokens!r}")
-        record = {record} if isinstance(record, str) else set(record)
-        unknown = sorted(record - set(RECORDABLE))
-        if unknown:
-            raise ParameterError(f"cannot record {', '.join(map(repr, unknown))}; recordable: "
-                                 f"{', '.join(RECORDABLE)}")
+        record = set(RecordSpec.parse(record).names)  # an unknown name fails here, listing the recordable ones
         self.config_a = Configuration("A", families, chosen, limit)
         self.config_b = Configuration("B", families, chosen, limit)
         self.config_b.widget.layout.display = "none"
 
         if chat is None:
-            chat = bool(getattr(model.tokenizer, "chat_template", None))
+            chat = model.has_chat_template
         self.prompt = widgets.Textarea(value=prompt, placeholder="prompt",
                                        layout=widgets.Layout(width="100%", height="4em"))
         self.chat = widgets.Checkbox(value=chat, description="chat message", indent=False,
