@@ -58,7 +58,7 @@ class Decoder:
     def _forward(self, ids: torch.Tensor) -> int:
         positions = torch.arange(self.position, self.position + ids.shape[1], device=ids.device)[None]
         self.kv.see_tokens(ids)
-        logits = self.model.hf(input_ids=ids, past_key_values=self.kv, position_ids=positions, use_cache=True,
+        logits = self.model.hf(input_ids=ids, **{self.model.cache_keyword: self.kv}, position_ids=positions, use_cache=True,
                                **self.keep).logits[0, -1]
         self.position += ids.shape[1]
         return int(torch.argmax(logits))  # waits for the device

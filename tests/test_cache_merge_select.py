@@ -204,7 +204,7 @@ def test_d2o_prefill_allocates_by_each_layers_density_then_compresses_all(tiny_l
     ids = tiny_llama.encode(PROMPT)
     cache = policy.build(tiny_llama)
     with torch.inference_mode(), use_attention(tiny_llama.hf, "sdpa", cache=cache):
-        tiny_llama.hf(ids, past_key_values=cache, use_cache=True)
+        tiny_llama.hf(ids, cache=cache, use_cache=True)
     with torch.inference_mode():  # the densities, independently: eager attention weights of a plain forward
         previous = tiny_llama.hf.config._attn_implementation
         tiny_llama.hf.set_attn_implementation("eager")
@@ -338,7 +338,7 @@ def test_sentence_kv_needs_the_token_ids(tiny_llama):
     cache = wb.cache.get("sentence_kv").build(tiny_llama)
     with pytest.raises(wb.WorkbenchError, match="needs the token ids of every forward pass"):
         with use_attention(tiny_llama.hf, "sdpa", cache=cache):
-            tiny_llama.hf.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
+            tiny_llama.hf.generate(ids, max_new_tokens=2, do_sample=False, cache=cache)
 
 
 # -- all four, end to end ---------------------------------------------------------------------------------------
@@ -361,11 +361,11 @@ def test_a_narrow_selection_really_masks_during_decoding(tiny_llama, name):
     cache = wb.cache.get(name, **narrow).build(tiny_llama)
     with torch.inference_mode(), use_attention(tiny_llama.hf, "sdpa", cache=cache):
         cache.see_tokens(ids)
-        tiny_llama.hf(ids, past_key_values=cache, use_cache=True)
+        tiny_llama.hf(ids, cache=cache, use_cache=True)
         assert cache.selected_fraction == [None, None]  # the prefill attends causally to everything
         token = torch.tensor([[ids[0, 5]]])
         cache.see_tokens(token)
-        logits = tiny_llama.hf(token, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = tiny_llama.hf(token, cache=cache, use_cache=True).logits[0, -1]
     assert all(0 < f < 0.8 for f in cache.selected_fraction)
     with torch.inference_mode():
         dense = tiny_llama.hf(torch.cat([ids, token], dim=1)).logits[0, -1]

@@ -208,10 +208,10 @@ def test_hf_generate_uses_the_policy_inside_the_bridge(tiny_llama):
     ids = tiny_llama.encode(PROMPT)
     cache = wb.cache.get("h2o", budget=32, window=8).build(tiny_llama)
     with pytest.raises(wb.WorkbenchError, match="use workbench.generate, or run model.generate inside"):
-        tiny_llama.hf.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        tiny_llama.hf.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
     cache = wb.cache.get("h2o", budget=32, window=8).build(tiny_llama)
     with wb.attention.use_attention(tiny_llama.hf, "sdpa", cache=cache):
-        out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+        out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
     ours = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("h2o", budget=32, window=8), max_new_tokens=6)
     assert out[0, ids.shape[1]:].tolist() == ours.token_ids
     assert cache.tokens_held().max() == 32

@@ -61,7 +61,7 @@ def test_tiny_parity_every_family(tiny_models, family, attention):
 def test_workbench_cache_works_inside_hf_generate(tiny_llama):
     ids = tiny_llama.encode(RAW)
     cache = wb.cache.get("full").build(tiny_llama)
-    out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
     assert out[0, ids.shape[1]:].tolist() == wb.generate(tiny_llama, RAW, max_new_tokens=6).token_ids
     assert cache.nbytes() == sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values))
 

@@ -45,7 +45,7 @@ class PrefillRecord:
         tensor = torch.tensor([ids], device=model.device)
         with torch.inference_mode(), use_attention(model.hf, recording, None, kv):
             kv.see_tokens(tensor)
-            out = model.hf(input_ids=tensor, past_key_values=kv, use_cache=True,
+            out = model.hf(input_ids=tensor, **{model.cache_keyword: kv}, use_cache=True,
                            position_ids=torch.arange(len(ids), device=model.device)[None], **model.keep_logits(1))
         return cls(ids, recording.calls, recording.outputs, out.logits[0, -1].float())
 

@@ -75,7 +75,7 @@ class CacheSession:
         positions = torch.arange(self.position, self.position + n, device=device)[None]
         keep = {} if all_logits else self.model.keep_logits(1)
         self.kv.see_tokens(ids)
-        logits = self.model.hf(input_ids=ids, past_key_values=self.kv, position_ids=positions, use_cache=True,
+        logits = self.model.hf(input_ids=ids, **{self.model.cache_keyword: self.kv}, position_ids=positions, use_cache=True,
                                **keep).logits[0].float()
         self.position += n
         self.peak_bytes = max(self.peak_bytes, self.kv.nbytes())

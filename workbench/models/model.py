@@ -31,6 +31,12 @@ class Model:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def cache_keyword(self) -> str:
+        """The forward keyword that takes the KV cache: `cache` from transformers 5.2x on (`past_key_values` is
+        deprecated there), `past_key_values` for models whose forward predates it."""
+        return "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+
     def keep_logits(self, n: int) -> dict[str, int]:
         """Forward kwargs asking for the logits of the last `n` positions only (`logits_to_keep`), where the
         model's forward takes it; {} otherwise (the caller slices)."""

@@ -42,10 +42,10 @@ def dense_replay(model: Model, prompt_ids: torch.Tensor, generated: list[int],
     cache = DynamicCache(config=model.hf.config)
     with torch.inference_mode():
         if head.shape[1]:
-            model.hf(input_ids=head, past_key_values=cache, use_cache=True, **model.keep_logits(1))
+            model.hf(input_ids=head, **{model.cache_keyword: cache}, use_cache=True, **model.keep_logits(1))
         with use_attention(model.hf, "sdpa", observer=probe):
             positions = torch.arange(head.shape[1], ids.shape[1], device=ids.device)[None]
-            logits = model.hf(input_ids=tail, past_key_values=cache, position_ids=positions, use_cache=True,
+            logits = model.hf(input_ids=tail, **{model.cache_keyword: cache}, position_ids=positions, use_cache=True,
                               **model.keep_logits(steps)).logits[0, -steps:]
     dropped = None if probe is None else np.stack([probe.mass[layer] for layer in range(model.num_layers)], 1)
     return DenseReplay(torch.log_softmax(logits.float(), dim=-1), dropped)

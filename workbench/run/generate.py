@@ -97,7 +97,7 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
             started = time.perf_counter()
             positions = torch.arange(position, position + inputs.shape[1], device=device)[None]
             kv.see_tokens(inputs)
-            logits = hf(input_ids=inputs, past_key_values=kv, position_ids=positions, use_cache=True,
+            logits = hf(input_ids=inputs, **{model.cache_keyword: kv}, position_ids=positions, use_cache=True,
                         **keep_last).logits[0, -1].float()
             token = decoder.choose(logits[None])[0]
             token_id = int(token)  # waits for the device: the step's time is complete here
