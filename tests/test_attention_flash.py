@@ -24,7 +24,7 @@ def test_greedy_tokens_and_entropy_match_sdpa(tiny_llama):
                        ignore_eos=True)
     assert flash.token_ids == sdpa.token_ids
     for name in ("logits", "entropy", "attention_entropy", "prompt_attention_entropy"):
-        np.testing.assert_allclose(flash.trace[name].values, sdpa.trace[name].values, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(flash.steps[name].values, sdpa.steps[name].values, atol=1e-4, rtol=1e-4)
 
 
 def test_recorded_attention_rows_for_chosen_heads(tiny_llama):
@@ -32,16 +32,16 @@ def test_recorded_attention_rows_for_chosen_heads(tiny_llama):
     flash = wb.generate(tiny_llama, RAW, attention=Flash(), max_new_tokens=4, record=record)
     sdpa = wb.generate(tiny_llama, RAW, attention="sdpa", max_new_tokens=4, record=record)
     for name in ("attention", "prompt_attention"):
-        assert flash.trace[name].sizes["attn_head"] == 1
-        np.testing.assert_allclose(flash.trace[name].values, sdpa.trace[name].values, atol=1e-5, equal_nan=True)
+        assert flash.steps[name].sizes["attn_head"] == 1
+        np.testing.assert_allclose(flash.steps[name].values, sdpa.steps[name].values, atol=1e-5, equal_nan=True)
 
 
 def test_key_mass_drives_an_eviction_cache_like_sdpa(tiny_llama):
     runs = [wb.generate(tiny_llama, RAW, attention=attention, cache=wb.cache.get("h2o", budget=24, sinks=2, window=8),
                         max_new_tokens=8, record=["cache"], ignore_eos=True) for attention in (Flash(), "sdpa")]
     assert runs[0].token_ids == runs[1].token_ids
-    assert runs[0].trace["cache_tokens"].values.max() <= 24 < len(runs[0].prompt_ids)  # it did evict
-    np.testing.assert_array_equal(runs[0].trace["cache_evicted_at"].values, runs[1].trace["cache_evicted_at"].values)
+    assert runs[0].steps["cache_tokens"].values.max() <= 24 < len(runs[0].prompt_ids)  # it did evict
+    np.testing.assert_array_equal(runs[0].steps["cache_evicted_at"].values, runs[1].steps["cache_evicted_at"].values)
 
 
 def call_for(query, key, value, mask=None, **kwargs):
@@ -92,5 +92,5 @@ def test_embedded_greedy_and_entropy_match_sdpa(embedded):
     flash = wb.generate(embedded, CHAT, attention=Flash(), max_new_tokens=12, record=["entropy"])
     sdpa = wb.generate(embedded, CHAT, attention="sdpa", max_new_tokens=12, record=["entropy"])
     assert flash.token_ids == sdpa.token_ids
-    np.testing.assert_allclose(flash.trace["attention_entropy"].values, sdpa.trace["attention_entropy"].values,
+    np.testing.assert_allclose(flash.steps["attention_entropy"].values, sdpa.steps["attention_entropy"].values,
                                atol=1e-3, rtol=1e-3)

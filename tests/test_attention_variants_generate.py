@@ -36,7 +36,7 @@ def test_variant_generates_and_records(tiny_llama, variant):
     run = wb.generate(tiny_llama, PROMPT, attention=variant, max_new_tokens=4, record="entropy",
                       ignore_eos=True)
     assert len(run.token_ids) == 4
-    entropy = run.trace["attention_entropy"].values
+    entropy = run.steps["attention_entropy"].values
     assert entropy.shape == (4, tiny_llama.num_layers, tiny_llama.num_heads) and np.isfinite(entropy).all()
     assert run.config["attention"] == variant.name
 
@@ -48,6 +48,6 @@ def test_sparse_pattern_changes_attention_and_covering_pattern_does_not(tiny_lla
     narrow = wb.generate(tiny_llama, PROMPT, attention=SlidingWindow(window=2), max_new_tokens=4,
                          record="entropy", ignore_eos=True)
     assert covering.token_ids == dense.token_ids
-    np.testing.assert_allclose(covering.trace["attention_entropy"].values, dense.trace["attention_entropy"].values,
+    np.testing.assert_allclose(covering.steps["attention_entropy"].values, dense.steps["attention_entropy"].values,
                                atol=1e-4)
-    assert narrow.trace["attention_entropy"].values.max() <= np.log(2) + 1e-5  # two keys at most
+    assert narrow.steps["attention_entropy"].values.max() <= np.log(2) + 1e-5  # two keys at most

@@ -8,37 +8,12 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.attention import reference
-from workbench.attention.base import AttentionCall, AttentionResult
+from workbench.attention.base import AttentionResult
 from workbench.cache import cake, razor_attention
+from workbench.cache.testing import assert_bytes_are_real, attend, fill
 
 NEW = ["cake", "lazy_eviction", "razor_attention"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
-
-
-class FakeModule:
-    num_key_value_groups = 2
-
-
-def fill(cache, layer, keys, values=None):
-    """Give `layer` of `cache` the keys (kv_heads, n, head_dim) as a prefill or decoding step would."""
-    cache.bridged = True
-    values = torch.randn_like(keys) if values is None else values
-    cache.update(keys[None], values[None], layer)
-
-
-def attend(cache, layer, query, result=None):
-    """Run the cache's after-attention hook for `layer` with `query` (heads, q, head_dim) over what it holds."""
-    keys, values = cache.layers[layer].stacked()
-    call = AttentionCall(layer, query[None], keys, values, None, keys.shape[-1] ** -0.5, FakeModule())
-    call.mask = cache.attention_mask(layer, call)
-    if call.mask is not None:
-        call.mask = call.mask.repeat_interleave(call.groups, dim=1)
-    if result is None:
-        _, statistics = reference.dense_attention(call, cache.wants(layer), with_output=False)
-        result = AttentionResult(torch.zeros(1), **statistics)
-    cache.after_attention(call, result)
-    return [p.tolist() for p in cache.positions(layer)]
 
 
 # -- CAKE --------------------------------------------------------------------------------------------------------
@@ -66,7 +41,8 @@ def test_cake_indicator_is_mean_plus_gamma_variance_over_the_window(tiny_llama, 
     assert attend(cache, 0, query) == [[2, 5, 8, 9, 10, 11]] * 2  # cascade: layer 0 alone has the whole pool
     assert attend(cache, 1, query) == [[chosen, 8, 9, 10, 11]] * 2
     assert [p.tolist() for p in cache.positions(0)] == [[chosen, 8, 9, 10, 11]] * 2  # layer 0 shrank to its share
-    assert cache.preferences[0] == pytest.approx(cache.preferences[1])
+    preferences = cache.state["preferences"]
+    assert preferences[0] == pytest.approx(preferences[1])
 
 
 def test_cake_layer_preference_by_hand():
@@ -98,13 +74,13 @@ def test_cake_cascade_reslices_the_pool_and_never_grows_a_layer(tiny_llama):
     attend(cache, 0, queries[0])
     assert cache.tokens_held()[0].tolist() == [4 + pool] * 2  # the first layer may use the whole pool
     attend(cache, 1, queries[1])
-    share0, share1 = (pool * p / sum(cache.preferences) for p in cache.preferences)
-    assert cache.preferences[0] != pytest.approx(cache.preferences[1])
+    preferences = cache.state["preferences"]
+    share0, share1 = (pool * p / sum(preferences) for p in preferences)
+    assert preferences[0] != pytest.approx(preferences[1])
     held = cache.tokens_held()
-    assert held[:, 0].tolist() == [4 + s for s in cake.allocate(pool, cache.preferences, [36, 36])]
+    assert held[:, 0].tolist() == [4 + s for s in cake.allocate(pool, preferences, [36, 36])]
     assert abs(held[0, 0] - 4 - share0) < 1 and abs(held[1, 0] - 4 - share1) < 1
     assert held.sum(0).tolist() == [2 * 10] * 2  # the whole cache is exactly budget x layers
-    assert all(state.head_scores is None for state in cache.states)  # prefill indicators are released
 
 
 # -- LazyEviction -----------------------------------------------------------------------------------------------
@@ -126,7 +102,10 @@ def test_lazy_eviction_tracks_recurrences_and_evicts_by_maximum_recurrence_inter
     # 3, 4, 5 (5, 0) overdue by 4; 6 (6, 0) by 3; 7 (7, 0) by 2; 8 (8, 0) by 1; 9 is the protected window.
     # Not overdue come first (1 and 2), then the least overdue (8): 3..7 and 0 go.
     assert kept == [[1, 2, 8, 9]] * 2
-    assert cache.states[0].head_scores[0].tolist() == [[9, 2], [8, 3], [8, 0], [9, 0]]
+    layer = cache.layers[0]
+    history = torch.stack([layer.extra("last_recurrence", -1, torch.long)[0],
+                           layer.extra("max_interval", 0, torch.long)[0]], -1)
+    assert history.tolist() == [[9, 2], [8, 3], [8, 0], [9, 0]]
 
 
 @pytest.mark.parametrize("budget, kept", [(3, [0, 1, 10]), (2, [0, 10])])
@@ -134,8 +113,9 @@ def test_lazy_eviction_overdue_first_then_the_furthest_predicted_recurrence(tiny
     cache = wb.cache.get("lazy_eviction", budget=budget, sinks=0, window=1, every=1).build(tiny_llama)
     fill(cache, 0, torch.randn(2, 10, 64))
     attend(cache, 0, torch.randn(4, 10, 64))  # positions 0..9, all first seen at time 9
-    for track in cache.states[0].head_scores:  # a history set by hand: (last recurrence, MRI)
-        track[:3] = torch.tensor([[8, 2], [8, 6], [8, 1]])
+    layer = cache.layers[0]  # a history set by hand: (last recurrence, MRI)
+    layer.extra("last_recurrence", -1, torch.long)[:, :3] = torch.tensor([8, 8, 8])
+    layer.extra("max_interval", 0, torch.long)[:, :3] = torch.tensor([2, 6, 1])
     fill(cache, 0, torch.randn(2, 1, 64))
     mass = torch.zeros(1, 2, 11)
     mass[0, :, 10] = 1.0
@@ -154,18 +134,19 @@ def test_razor_non_retrieval_heads_fold_what_they_drop_into_one_compensation_tok
     kept = attend(cache, 0, torch.randn(4, 12, 64))
     assert kept == [list(range(12)), [0, 1, 8, 9, 10, 11]]  # retrieval head whole; sinks, compensation, window
     layer = cache.layers[0]
-    torch.testing.assert_close(layer.head_keys[1][2], keys[1, 2:9].mean(0))  # 2..7 dropped, merged into 8
-    torch.testing.assert_close(layer.head_values[1][2], values[1, 2:9].mean(0))
-    torch.testing.assert_close(layer.head_keys[0], keys[0])
-    [(head, evicted, merged_into)] = layer.drain_events()
-    assert head == 1 and evicted.tolist() == [2, 3, 4, 5, 6, 7] and merged_into.tolist() == [8] * 6
+    torch.testing.assert_close(layer.held_keys()[1, 2], keys[1, 2:9].mean(0))  # 2..7 dropped, merged into 8
+    torch.testing.assert_close(layer.held_values()[1, 2], values[1, 2:9].mean(0))
+    torch.testing.assert_close(layer.held_keys()[0], keys[0])
+    [(index, head, evicted, merged_into)] = cache.drain_events()
+    assert (index, head) == (0, 1) and evicted.tolist() == [2, 3, 4, 5, 6, 7] and merged_into.tolist() == [8] * 6
     # a decoding step: token 9 leaves the window and joins the compensation token's running mean
     new_k, new_v = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
     fill(cache, 0, new_k, new_v)
     assert attend(cache, 0, torch.randn(4, 1, 64)) == [list(range(13)), [0, 1, 8, 10, 11, 12]]
-    torch.testing.assert_close(layer.head_keys[1][2], keys[1, 2:10].mean(0))
-    torch.testing.assert_close(layer.head_values[1][2], values[1, 2:10].mean(0))
-    assert cache.states[0].head_scores[1].tolist() == [1, 1, 8, 1, 1, 1]  # tokens each entry stands for
+    torch.testing.assert_close(layer.held_keys()[1, 2], keys[1, 2:10].mean(0))
+    torch.testing.assert_close(layer.held_values()[1, 2], values[1, 2:10].mean(0))
+    stands_for = layer.extra("stands_for", 1.0)[1, :layer.held[1]]
+    assert stands_for.tolist() == [1, 1, 8, 1, 1, 1]  # tokens each entry stands for
 
 
 def test_razor_induction_score_by_hand():
@@ -181,12 +162,13 @@ def test_razor_induction_score_by_hand():
 
 
 def test_razor_head_scores_are_computed_once_per_model(tiny_llama):
-    first = razor_attention.retrieval_head_scores(tiny_llama)
-    assert razor_attention.retrieval_head_scores(tiny_llama) is first
+    probe = wb.run.probe(tiny_llama)
+    first = razor_attention.retrieval_head_scores(tiny_llama, probe)
+    assert razor_attention.retrieval_head_scores(tiny_llama, probe) is first
     assert first.shape == (2, 2) and (first > 0).all()
-    heads = razor_attention.find_retrieval_heads(tiny_llama, retrieval_fraction=0.15)
+    heads = razor_attention.find_retrieval_heads(tiny_llama, probe, retrieval_fraction=0.15)
     assert heads.sum() == 1 and heads.flatten()[first.flatten().argmax()]  # ceil(0.15 x 4) = 1, the best
-    assert razor_attention.find_retrieval_heads(tiny_llama, retrieval_fraction=0.0).sum() == 0
+    assert razor_attention.find_retrieval_heads(tiny_llama, probe, retrieval_fraction=0.0).sum() == 0
 
 
 # -- end to end on the tiny GQA model ---------------------------------------------------------------------------
@@ -199,16 +181,12 @@ def test_a_budget_covering_everything_reproduces_the_full_cache(tiny_models, nam
         run = wb.generate(model, PROMPT, cache=wb.cache.get(name, budget=400), max_new_tokens=8, ignore_eos=True,
                           record=["cache"])
         assert run.token_ids == full.token_ids
-        assert (run.trace["cache_evicted_at"] == -1).all()
+        assert (run.steps["cache_evicted_at"] == -1).all()
 
 
 def real_bytes(model, run):
-    trace = run.trace
-    held = trace["cache_tokens"].values  # (step, layer, kv_head)
-    bytes_per_token = 2 * model.text_config.head_dim * 4  # one KV head: K and V, float32
-    assert (trace["cache_bytes"].values == held.sum(axis=(1, 2)) * bytes_per_token).all()
-    assert (wb.trace.cache_alive(trace).sum("position").values == held).all()  # the log agrees with the counts
-    return held
+    assert_bytes_are_real(model, run.steps)
+    return run.steps["cache_tokens"].values  # (step, layer, kv_head)
 
 
 def test_cake_under_budget_slices_the_cache_over_layers(tiny_llama):
@@ -231,15 +209,15 @@ def test_lazy_eviction_under_budget_evicts_every_few_steps(tiny_llama):
 
 def test_razor_under_budget_retrieval_heads_keep_everything(tiny_llama):
     policy = wb.cache.get("razor_attention", budget=4 + 16 + 1)
-    retrieval = razor_attention.find_retrieval_heads(tiny_llama, policy.retrieval_fraction)
+    retrieval = razor_attention.find_retrieval_heads(tiny_llama, wb.run.probe(tiny_llama), policy.retrieval_fraction)
     run = wb.generate(tiny_llama, PROMPT, cache=policy, max_new_tokens=6, ignore_eos=True, record=["cache"])
     held = real_bytes(tiny_llama, run)
     n = len(run.prompt_ids)
     for step in range(6):
         assert (held[step][retrieval.numpy()] == n + step).all()
         assert (held[step][~retrieval.numpy()] == 4 + 16 + 1).all()  # sinks + window + compensation token
-    merged = run.trace["cache_merged_into"].values
-    evicted = run.trace["cache_evicted_at"].values >= 0
+    merged = run.steps["cache_merged_into"].values
+    evicted = run.steps["cache_evicted_at"].values >= 0
     assert evicted.any() and not evicted[retrieval.numpy()].any()
     assert (merged[evicted] >= 4).all()  # every dropped token went into a compensation token
 
@@ -273,16 +251,16 @@ def test_embedded_model_new_policies(embedded):
     prompt = [{"role": "user", "content": "Remember the number 4721. " + "The grass is green. " * 40 +
                "What number did I ask you to remember?"}]
     full = wb.generate(embedded, prompt, max_new_tokens=8, record=["cache"])
-    scores = razor_attention.retrieval_head_scores(embedded)
+    scores = razor_attention.retrieval_head_scores(embedded, wb.run.probe(embedded))
     assert scores.max() > 0.5 > 0.05 > scores.median()  # a few heads copy, most do not
     for name, params in [("cake", {"window": 16}), ("lazy_eviction", {"every": 4}), ("razor_attention", {})]:
         small = wb.generate(embedded, prompt, cache=wb.cache.get(name, budget=64, **params), max_new_tokens=8,
                             record=["cache"])
-        held = small.trace["cache_tokens"].values
-        assert small.trace["cache_bytes"].values[-1] < full.trace["cache_bytes"].values[-1] / 2, name
+        held = small.steps["cache_tokens"].values
+        assert small.steps["cache_bytes"].values[-1] < full.steps["cache_bytes"].values[-1] / 2, name
         if name == "cake":
             assert held[0].mean() == pytest.approx(64) and held[0, :, 0].std() > 10  # uneven over layers
         if name == "razor_attention":
-            retrieval = razor_attention.find_retrieval_heads(embedded).numpy()  # 14 of 90 KV heads hold everything
+            retrieval = razor_attention.find_retrieval_heads(embedded, wb.run.probe(embedded)).numpy()  # 14 of 90
             assert retrieval.sum() == 14 and (held[-1][retrieval] == held[-1].max()).all()
             assert (held[-1][~retrieval] == 64).all() and "4721" in small.text

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.attention import reference, use_attention
-from workbench.attention.base import AttentionCall, AttentionResult
-from workbench.cache.testing import fake_module, filled_cache
+from workbench.attention.base import AttentionResult
+from workbench.cache import testing
+from workbench.cache.kvcache import ForwardPass
+from workbench.cache.testing import assert_bytes_are_real, fill
 
 NAMES = ["kvmerger", "d2o", "mpcache", "sentence_kv"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens, 3 sentences on the tiny models
@@ -26,26 +27,19 @@ def one_layer():
     return wb.tiny("llama", num_hidden_layers=1)
 
 
+def filled_cache(model, policy, keys, values=None, token_ids=None):
+    cache = policy.build(model)
+    fill(cache, 0, keys, values, token_ids=token_ids)
+    return cache
+
+
 def call_for(cache, query):
-    """Layer 0's attention call for `query` (heads, q, head_dim) over what the cache holds, with its mask."""
-    keys, values = cache.layers[0].stacked()
-    call = AttentionCall(0, query[None], keys, values, None, query.shape[-1] ** -0.5, fake_module(groups=2))
-    call.mask = cache.attention_mask(0, call)
-    return call
+    return testing.call_for(cache, 0, query)
 
 
 def attend(cache, query, key_mass=None):
-    """Run layer 0's attention hooks for `query`: the mask, then after_attention (which may evict or merge)."""
-    call = call_for(cache, query)
-    if call.mask is not None:  # as the bridge does: per KV head -> per query head
-        call.mask = call.mask.repeat_interleave(call.groups, dim=1)
-    if key_mass is None:
-        _, statistics = reference.dense_attention(call, cache.wants(0) | {"key_mass"}, with_output=False)
-        result = AttentionResult(torch.zeros(1), **statistics)
-    else:
-        result = AttentionResult(torch.zeros(1), key_mass=key_mass)
-    cache.after_attention(call, result)
-    return call
+    """Layer 0's attention step for `query`: the mask, attention, then the policy (which may evict or merge)."""
+    testing.attend(cache, 0, query, None if key_mass is None else AttentionResult(torch.zeros(1), key_mass=key_mass))
 
 
 def held_positions(cache, layer=0):
@@ -66,7 +60,7 @@ def assert_masked_attention_is_dense_over(call, layer, visible):
     output = wb.attention.get("sdpa").attend(call, frozenset()).output[0]  # (q, heads, dim)
     for head in range(call.query.shape[1]):
         kv = head // call.groups
-        k, v = layer.head_keys[kv][visible[kv]], layer.head_values[kv][visible[kv]]
+        k, v = layer.held_keys()[kv][visible[kv]], layer.held_values()[kv][visible[kv]]
         weights = torch.softmax(call.query[0, head, -1] @ k.T * call.scaling, dim=-1)
         torch.testing.assert_close(output[-1, head], weights @ v, atol=1e-5, rtol=1e-5)
 
@@ -94,17 +88,17 @@ def test_kvmerger_merges_evicted_tokens_into_their_merging_set_with_gaussian_wei
     events = cache.drain_events()
     assert [(head, p.tolist(), m.tolist()) for _, head, p, m in events] == [(h, [0, 2, 3, 5], [1, -1, -1, 4])
                                                                              for h in (0, 1)]
-    layer = cache.layers[0]
+    held_k, held_v = cache.layers[0].held_keys(), cache.layers[0].held_values()
     # w ∝ exp(-|k - k_pivot|² / (2 sigma² |k_pivot|²)): pivot 1 (|k|² = 1, d² = 0.04), pivot 4 (|k|² = 4, d² = 0.25)
     for h in range(2):
         w = math.exp(-0.04 / (2 * 0.25 * 1.0))
-        torch.testing.assert_close(layer.head_keys[h][0], (keys[h, 1] + w * keys[h, 0]) / (1 + w))
-        torch.testing.assert_close(layer.head_values[h][0], (values[h, 1] + w * values[h, 0]) / (1 + w))
+        torch.testing.assert_close(held_k[h, 0], (keys[h, 1] + w * keys[h, 0]) / (1 + w))
+        torch.testing.assert_close(held_v[h, 0], (values[h, 1] + w * values[h, 0]) / (1 + w))
         w = math.exp(-0.25 / (2 * 0.25 * 4.0))
-        torch.testing.assert_close(layer.head_keys[h][1], (keys[h, 4] + w * keys[h, 5]) / (1 + w))
-        torch.testing.assert_close(layer.head_values[h][1], (values[h, 4] + w * values[h, 5]) / (1 + w))
-        torch.testing.assert_close(layer.head_keys[h][2:], keys[h, 6:])  # nothing merged into 6 and 7
-        torch.testing.assert_close(layer.head_values[h][2:], values[h, 6:])
+        torch.testing.assert_close(held_k[h, 1], (keys[h, 4] + w * keys[h, 5]) / (1 + w))
+        torch.testing.assert_close(held_v[h, 1], (values[h, 4] + w * values[h, 5]) / (1 + w))
+        torch.testing.assert_close(held_k[h, 2:4], keys[h, 6:])  # nothing merged into 6 and 7
+        torch.testing.assert_close(held_v[h, 2:4], values[h, 6:])
 
 
 def assert_merges_are_traced(trace):
@@ -122,7 +116,7 @@ def assert_merges_are_traced(trace):
 def test_kvmerger_records_merges_in_the_trace(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("kvmerger", budget=48, window=8, threshold=0.0),
                       max_new_tokens=4, ignore_eos=True, record=["cache"])
-    assert_merges_are_traced(run.trace)
+    assert_merges_are_traced(run.steps)
 
 
 # -- d2o --------------------------------------------------------------------------------------------------------
@@ -172,12 +166,11 @@ def test_d2o_merges_above_the_threshold_with_similarity_weights(one_layer):
     assert held_positions(cache) == [[1, 3, 5]] * 2
     assert [m.tolist() for *_, m in cache.drain_events()] == [[1, 1, -1]] * 2  # 0 and 2 into 1; 4 dropped
     u0, u2 = cos(keys[0, 0], keys[0, 1]), cos(keys[0, 2], keys[0, 1])
-    layer = cache.layers[0]
+    held_k, held_v = cache.layers[0].held_keys(), cache.layers[0].held_values()
     for h in range(2):
-        torch.testing.assert_close(layer.head_keys[h][0], d2o_merged(keys[h, 1], [keys[h, 0], keys[h, 2]], [u0, u2]))
-        torch.testing.assert_close(layer.head_values[h][0],
-                                   d2o_merged(values[h, 1], [values[h, 0], values[h, 2]], [u0, u2]))
-        torch.testing.assert_close(layer.head_keys[h][1:], keys[h, [3, 5]])
+        torch.testing.assert_close(held_k[h, 0], d2o_merged(keys[h, 1], [keys[h, 0], keys[h, 2]], [u0, u2]))
+        torch.testing.assert_close(held_v[h, 0], d2o_merged(values[h, 1], [values[h, 0], values[h, 2]], [u0, u2]))
+        torch.testing.assert_close(held_k[h, 1:3], keys[h, [3, 5]])
 
 
 def test_d2o_threshold_is_an_ema_of_the_similarities(one_layer):
@@ -186,15 +179,15 @@ def test_d2o_threshold_is_an_ema_of_the_similarities(one_layer):
     attend(cache, torch.randn(4, 6, 4), key_mass=mass(6, {1: 3.0, 3: 2.0}))
     u0, u2 = cos(keys[0, 0], keys[0, 1]), cos(keys[0, 2], keys[0, 1])
     tau = (u0 + u2 + 0.0) / 3  # the first eviction starts the average: 0.617, so 0 and 2 merge, 4 does not
-    assert cache.states[0].thresholds == pytest.approx([tau, tau])
+    assert cache.layers[0].state["threshold"].tolist() == pytest.approx([tau, tau])
     assert [m.tolist() for *_, m in cache.drain_events()] == [[1, 1, -1]] * 2
     # a decoding step: token 6 arrives, 5 (least attention) is evicted; its best match is 6 (cos 0.981)
     new_key = torch.tensor([0, 0, 0.2, 1.0])
-    cache.update(new_key.expand(1, 2, 1, 4).clone(), torch.randn(1, 2, 1, 4), 0)
+    fill(cache, 0, new_key.expand(2, 1, 4).clone(), torch.randn(2, 1, 4))
     attend(cache, torch.randn(4, 1, 4), key_mass=torch.tensor([[[0.0, 0.0, 0.0, 0.5]] * 2]))
     u5 = cos(keys[0, 5], new_key)
     tau = 0.5 * tau + 0.5 * u5  # 0.799 <= 0.981: merged
-    assert cache.states[0].thresholds == pytest.approx([tau, tau])
+    assert cache.layers[0].state["threshold"].tolist() == pytest.approx([tau, tau])
     assert held_positions(cache) == [[1, 3, 6]] * 2
     assert [m.tolist() for *_, m in cache.drain_events()] == [[6]] * 2
 
@@ -202,9 +195,9 @@ def test_d2o_threshold_is_an_ema_of_the_similarities(one_layer):
 def test_d2o_prefill_allocates_by_each_layers_density_then_compresses_all(tiny_llama):
     policy = wb.cache.get("d2o", budget=48, window=8)
     ids = tiny_llama.encode(PROMPT)
-    cache = policy.build(tiny_llama)
-    with torch.inference_mode(), use_attention(tiny_llama.hf, "sdpa", cache=cache):
-        tiny_llama.hf(ids, cache=cache, use_cache=True)
+    session = wb.Session(tiny_llama, policy)
+    session.feed(ids, "prefill")
+    cache = session.cache
     with torch.inference_mode():  # the densities, independently: eager attention weights of a plain forward
         previous = tiny_llama.hf.config._attn_implementation
         tiny_llama.hf.set_attn_implementation("eager")
@@ -214,19 +207,20 @@ def test_d2o_prefill_allocates_by_each_layers_density_then_compresses_all(tiny_l
             tiny_llama.hf.set_attn_implementation(previous)
     n = ids.shape[1]
     visible = torch.arange(n - 8, n) + 1.0
-    for state, probs in zip(cache.states, attentions):
+    densities = cache.state["densities"]
+    for density, probs in zip(densities, attentions):
         rows = probs[0, :, -8:].float()
         expected = (torch.special.entr(rows).sum(-1) / visible.log()).mean()
-        assert state.density == pytest.approx(float(expected), abs=1e-4)
-    densities = [s.density for s in cache.states]
-    assert cache.budgets == policy.allocate(48, densities, prompt_length=n)
-    assert cache.tokens_held().tolist() == [[b, b] for b in cache.budgets]
+        assert density == pytest.approx(float(expected), abs=1e-4)
+    budgets = [b[0] for b in cache.state["budgets"]]
+    assert budgets == policy.allocate(48, densities, prompt_length=n)
+    assert cache.tokens_held().tolist() == [[b, b] for b in budgets]
 
 
 def test_d2o_records_merges_in_the_trace(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("d2o", budget=48, window=8), max_new_tokens=4,
                       ignore_eos=True, record=["cache"])
-    assert_merges_are_traced(run.trace)
+    assert_merges_are_traced(run.steps)
 
 
 # -- mpcache ----------------------------------------------------------------------------------------------------
@@ -249,21 +243,21 @@ def test_mpcache_clusters_hierarchically_and_selects_by_query(tiny_llama):
     policy = wb.cache.get("mpcache", budget=24, sinks=2, window=2, coarse=2, fine=2, top_coarse=1, top_fine=1)
     cache = filled_cache(tiny_llama, policy, clustered_keys())
     attend(cache, torch.randn(4, 24, 8))  # the prefill: nothing to evict (24 <= budget), then clustering
-    for index in cache.clusters[0]:
+    for index in cache.layers[0].state["clusters"]:
         labels = index.labels.tolist()
         assert labels[:2] == [-1, -1] and labels[22:] == [-1, -1]  # sinks and window: always attended
         groups = [{labels[s] for s in range(2, 22) if s % 4 == j} for j in range(4)]
         assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 4  # the four clusters, exactly
         assert index.parents[labels[2]] != index.parents[labels[3]]  # e0 and e1 clusters: different coarse
         assert index.parents[labels[4]] == index.parents[labels[2]]  # 0 and 2 share a coarse cluster
-    cache.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), 0)  # a decoding step: slot 24
+    fill(cache, 0, torch.randn(2, 1, 8))  # a decoding step: slot 24
     query = torch.zeros(4, 1, 8)
     query[0, 0, 0], query[1, 0, 2] = 2.0, 1.0  # KV head 0's group, summed: e0 and +e2 -> cluster 0 (slot % 4 == 0)
     query[2, 0, 1], query[3, 0, 3] = 2.0, -1.0  # KV head 1's group: e1 and -e3 -> cluster 3
     call = call_for(cache, query)
     chosen = [[0, 1, *(s for s in range(2, 22) if s % 4 == j), 22, 23, 24] for j in (0, 3)]
     assert [torch.nonzero(call.mask[0, h, 0]).flatten().tolist() for h in range(2)] == chosen
-    assert cache.selected_fraction[0] == pytest.approx(20 / 50)
+    assert float(cache.layers[0].state["selected_fraction"]) == pytest.approx(20 / 50)
     assert_masked_attention_is_dense_over(call, cache.layers[0], chosen)
 
 
@@ -276,7 +270,7 @@ def test_mpcache_evicts_once_like_snapkv(tiny_llama):
         kept[name] = held_positions(cache)
     assert kept["mpcache"] == kept["snapkv"] and len(kept["mpcache"][0]) == 16
     for _ in range(3):  # decoding never evicts: the kept prompt plus every new token
-        cache.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), 0)
+        fill(cache, 0, torch.randn(2, 1, 8))
         attend(cache, torch.randn(4, 1, 8))
     assert cache.tokens_held()[0].tolist() == [19, 19]
 
@@ -285,9 +279,12 @@ def test_mpcache_evicts_once_like_snapkv(tiny_llama):
 def test_sentence_kv_splits_sentences_at_punctuation_and_newlines(tiny_llama):
     cache = wb.cache.get("sentence_kv").build(tiny_llama)
     text = "Hi. Yo!\nA b? end"
-    cache.see_tokens(torch.tensor([tiny_llama.tokenizer.encode(text, add_special_tokens=False)]))
+    sentences = cache.state["sentences"]
+    sentences.see(0, tiny_llama.tokenizer.encode(text, add_special_tokens=False))
     #                  H  i  .     Y  o  !  \n A     b  ?     e  n  d
-    assert cache.sentences.ids.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 4, 4, 4, 4]
+    assert sentences.ids == [0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 4, 4, 4, 4]
+    sentences.see(8, tiny_llama.tokenizer.encode("c. d", add_special_tokens=False))  # after a rollback to 8
+    assert sentences.ids == [0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 4]
 
 
 SENTENCES = "aaa. bbb. ccc. ddd. ee"  # sentences 0: 0-3, 1: 4-8, 2: 9-13, 3: 14-18, 4 (open): 19-21
@@ -302,17 +299,16 @@ def sentence_cache(model, **params):
     keys[14:19, 0] = 1.0
     keys[19:22, 6] = 1.0
     cache = wb.cache.get("sentence_kv", **params).build(model)
-    cache.see_tokens(torch.tensor([model.tokenizer.encode(SENTENCES, add_special_tokens=False)]))
-    cache.bridged = True
-    cache.update(keys.expand(1, 2, -1, -1).clone(), torch.randn(1, 2, 22, 8), 0)
+    fill(cache, 0, keys.expand(2, -1, -1).clone(), torch.randn(2, 22, 8),
+         token_ids=model.tokenizer.encode(SENTENCES, add_special_tokens=False))
     return cache
 
 
 def test_sentence_kv_attends_to_the_sentences_whose_mean_key_matches(tiny_llama):
     cache = sentence_cache(tiny_llama, sinks=1, window=2, top_sentences=1)
     attend(cache, torch.randn(4, 22, 8))  # the prefill: everything visible, nothing evicted (no budget)
-    cache.see_tokens(torch.tensor([tiny_llama.tokenizer.encode("e", add_special_tokens=False)]))
-    cache.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), 0)  # position 22, in sentence 4
+    fill(cache, 0, torch.randn(2, 1, 8), token_ids=tiny_llama.tokenizer.encode("e", add_special_tokens=False))
+    # position 22, in sentence 4
     query = torch.zeros(4, 1, 8)
     query[0:2, 0, 0] = 1.0  # KV head 0's group: e0 -> sentence 3 (by mean key)
     query[2, 0, 5], query[3, 0, 0] = 1.0, -0.5  # KV head 1's group: e5 - e0/2 -> sentence 1 (mean 1 against 0.5)
@@ -320,7 +316,7 @@ def test_sentence_kv_attends_to_the_sentences_whose_mean_key_matches(tiny_llama)
     own = [19, 20, 21, 22]  # the query's sentence (and the window 21, 22)
     chosen = [[0, *range(14, 19), *own], [0, *range(4, 9), *own]]
     assert [torch.nonzero(call.mask[0, h, 0]).flatten().tolist() for h in range(2)] == chosen
-    assert cache.selected_fraction[0] == pytest.approx(20 / 46)
+    assert float(cache.layers[0].state["selected_fraction"]) == pytest.approx(20 / 46)
     assert_masked_attention_is_dense_over(call, cache.layers[0], chosen)
 
 
@@ -334,11 +330,16 @@ def test_sentence_kv_over_budget_evicts_the_lowest_sentences_whole(tiny_llama):
 
 
 def test_sentence_kv_needs_the_token_ids(tiny_llama):
-    ids = tiny_llama.encode(PROMPT)
     cache = wb.cache.get("sentence_kv").build(tiny_llama)
     with pytest.raises(wb.WorkbenchError, match="needs the token ids of every forward pass"):
-        with use_attention(tiny_llama.hf, "sdpa", cache=cache):
-            tiny_llama.hf.generate(ids, max_new_tokens=2, do_sample=False, cache=cache)
+        cache.begin_pass(ForwardPass("prefill", 0, 4))  # a pass announced without them
+    ids = tiny_llama.encode(PROMPT)  # model.generate inside use_attention hands them over
+    cache = wb.cache.get("sentence_kv", top_sentences=1, window=8).build(tiny_llama)
+    with wb.run.use_attention(tiny_llama, "sdpa", cache=cache):
+        out = tiny_llama.hf.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
+    ours = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("sentence_kv", top_sentences=1, window=8),
+                       max_new_tokens=4)
+    assert out[0, ids.shape[1]:].tolist() == ours.token_ids
 
 
 # -- all four, end to end ---------------------------------------------------------------------------------------
@@ -348,9 +349,9 @@ def test_a_budget_and_selection_covering_everything_reproduce_the_full_cache(tin
     run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get(name, **EVERYTHING[name]), max_new_tokens=8,
                       ignore_eos=True, record=["logits", "cache"])
     assert run.token_ids == full.token_ids
-    torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values),
-                               torch.from_numpy(full.trace["logits"].values), atol=1e-5, rtol=1e-5)
-    assert (run.trace["cache_evicted_at"] == -1).all()
+    torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values),
+                               torch.from_numpy(full.steps["logits"].values), atol=1e-5, rtol=1e-5)
+    assert (run.steps["cache_evicted_at"] == -1).all()
 
 
 @pytest.mark.parametrize("name", ["mpcache", "sentence_kv"])
@@ -358,15 +359,13 @@ def test_a_narrow_selection_really_masks_during_decoding(tiny_llama, name):
     narrow = {"mpcache": {"budget": 400, "coarse": 4, "fine": 2, "top_coarse": 1, "top_fine": 1, "window": 8},
               "sentence_kv": {"top_sentences": 1, "window": 8}}[name]
     ids = tiny_llama.encode(PROMPT)
-    cache = wb.cache.get(name, **narrow).build(tiny_llama)
-    with torch.inference_mode(), use_attention(tiny_llama.hf, "sdpa", cache=cache):
-        cache.see_tokens(ids)
-        tiny_llama.hf(ids, cache=cache, use_cache=True)
-        assert cache.selected_fraction == [None, None]  # the prefill attends causally to everything
-        token = torch.tensor([[ids[0, 5]]])
-        cache.see_tokens(token)
-        logits = tiny_llama.hf(token, cache=cache, use_cache=True).logits[0, -1]
-    assert all(0 < f < 0.8 for f in cache.selected_fraction)
+    session = wb.Session(tiny_llama, wb.cache.get(name, **narrow))
+    session.feed(ids, "prefill")
+    layers = session.cache.layers
+    assert all("selected_fraction" not in layer.state for layer in layers)  # the prefill sees its causal past
+    token = torch.tensor([[ids[0, 5]]])
+    logits = session.feed(token, "decode")[-1]
+    assert all(0 < float(layer.state["selected_fraction"]) < 0.8 for layer in layers)
     with torch.inference_mode():
         dense = tiny_llama.hf(torch.cat([ids, token], dim=1)).logits[0, -1]
     assert not torch.allclose(logits, dense, atol=1e-4)  # the mask changed what the query saw
@@ -378,11 +377,10 @@ def test_under_budget_the_cache_really_holds_less(tiny_llama, name):
     params = {"budget": budget, "window": 8}
     run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get(name, **params), max_new_tokens=steps,
                       ignore_eos=True, record=["cache"])
-    trace, text = run.trace, tiny_llama.text_config
+    trace, text = run.steps, tiny_llama.text_config
     bytes_per_token = 2 * text.head_dim * 4  # one KV head: K and V, float32
     held = trace["cache_tokens"].values  # (step, layer, kv_head)
-    assert (trace["cache_bytes"].values == held.sum(axis=(1, 2)) * bytes_per_token).all()  # bytes are real
-    assert (wb.trace.cache_alive(trace).sum("position").values == held).all()  # the log agrees with the counts
+    assert_bytes_are_real(tiny_llama, trace)
     if name == "mpcache":  # evicts once, then grows
         assert (held[0] == budget).all() and (held[-1] == budget + steps - 1).all()
     elif name == "d2o":  # per-layer budgets averaging the budget

@@ -5,32 +5,21 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.attention import reference
-from workbench.attention.base import AttentionCall, AttentionResult
-from workbench.cache.testing import fake_module, filled_cache
+from workbench.attention.base import AttentionResult
+from workbench.cache.testing import assert_bytes_are_real, attend, fill
 
 POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "pyramidkv"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 
 
-def call_for(cache, query, keys, values):
-    """The attention call layer 0 would see for `query` (heads, q, head_dim) over what the cache returned."""
-    groups = query.shape[0] // keys.shape[0]
-    module = fake_module(groups=groups)
-    call = AttentionCall(0, query[None], keys[None], values[None], None, keys.shape[-1] ** -0.5, module)
-    call.mask = cache.attention_mask(0, call)
-    return call
+def filled_cache(model, policy, keys):
+    cache = policy.build(model)
+    fill(cache, 0, keys)
+    return cache
 
 
 def evict(cache, query, result=None):
-    layer = cache.layers[0]
-    keys, values = layer.stacked()
-    call = call_for(cache, query, keys[0], values[0])
-    if result is None:
-        _, statistics = reference.dense_attention(call, cache.wants(0) | {"key_mass"}, with_output=False)
-        result = AttentionResult(torch.zeros(1), **statistics)
-    cache.after_attention(call, result)
-    return [p.tolist() for p in cache.positions(0)]
+    return attend(cache, 0, query, result)
 
 
 def test_streaming_llm_keeps_sinks_and_the_most_recent(tiny_llama):
@@ -68,12 +57,11 @@ def test_tova_keeps_what_the_last_query_attends_to(tiny_llama):
 
 def test_snapkv_window_votes_and_pooling_keeps_neighbours(tiny_llama):
     keys, query = attention_to([[3], [6]], n=16)
-    cache = filled_cache(tiny_llama, wb.cache.get("snapkv", budget=6, window=2, kernel=1), keys)
-    assert evict(cache, query)[0][0] == 3
-    cache = filled_cache(tiny_llama, wb.cache.get("snapkv", budget=6, window=2, kernel=3), keys)
+    cache = filled_cache(tiny_llama, wb.cache.get("snapkv", budget=3, window=2, kernel=1), keys)
+    assert evict(cache, query) == [[3, 14, 15], [6, 14, 15]]  # the voted token and the observation window
+    cache = filled_cache(tiny_llama, wb.cache.get("snapkv", budget=5, window=2, kernel=3), keys)
     kept = evict(cache, query)
-    assert kept[0][:3] == [2, 3, 4] and kept[1][:3] == [5, 6, 7]  # the voted token and its pooled neighbours
-    assert kept[0][-2:] == [14, 15]  # the observation window stays
+    assert kept == [[2, 3, 4, 14, 15], [5, 6, 7, 14, 15]]  # pooling keeps the voted token's neighbours too
 
 
 def test_h2o_accumulates_attention_over_steps(tiny_llama):
@@ -86,11 +74,11 @@ def test_h2o_accumulates_attention_over_steps(tiny_llama):
     evict(cache, torch.randn(4, 8, 64), AttentionResult(torch.zeros(1), key_mass=mass))
     assert [p.tolist() for p in cache.positions(0)] == [[1, 4, 6, 7]] * 2
     # a decode step: token 8 arrives; now token 4 gets attention and token 6 none; 1 stays the heaviest
-    cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0)
+    fill(cache, 0, torch.randn(2, 1, 64))
     step = torch.tensor([[[0.0, 2.5, 0.0, 0.0, 0.5]] * 2])  # over slots holding positions 1, 4, 6, 7, 8
     evict(cache, torch.randn(4, 1, 64), AttentionResult(torch.zeros(1), key_mass=step))
     assert [p.tolist() for p in cache.positions(0)] == [[1, 4, 6, 8]] * 2  # 7 had the least in total
-    assert torch.allclose(cache.states[0].head_scores[0], torch.tensor([3.0, 3.5, 2.0, 0.5]))
+    torch.testing.assert_close(cache.layers[0].extra("attention")[0], torch.tensor([3.0, 3.5, 2.0, 0.5]))
 
 
 def test_pyramid_budgets_shrink_with_depth_and_average_the_budget():
@@ -104,22 +92,30 @@ def test_pyramid_budgets_shrink_with_depth_and_average_the_budget():
 def test_ragged_heads_attend_only_to_what_they_hold(tiny_llama):
     """Heads holding different tokens: attention through the cache's mask equals per-head dense attention
     over exactly the kept keys (computed head by head, independently)."""
-    cache = filled_cache(tiny_llama, wb.cache.get("knorm", budget=4, sinks=0, window=0), torch.randn(2, 9, 64))
-    layer = cache.layers[0]
-    layer.keep(0, torch.tensor([0, 3, 5, 8]))  # head 0 keeps 4 tokens, head 1 keeps all 9
-    new_k, new_v = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)
-    keys, values = cache.update(new_k, new_v, 0)
+    keys, values = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    cache = wb.cache.get("knorm", budget=4, sinks=0, window=0).build(tiny_llama)
+    fill(cache, 0, keys, values)
+    alive = torch.ones(2, 9, dtype=torch.bool)
+    alive[0] = torch.isin(torch.arange(9), torch.tensor([0, 3, 5, 8]))  # head 0 keeps 4 tokens, head 1 all 9
+    cache.layers[0].keep(alive, [4, 9])
+    cache.end_pass()
+    new_k, new_v = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+    fill(cache, 0, new_k, new_v)
     query = torch.randn(4, 1, 64)
-    call = call_for(cache, query, keys[0], values[0])
-    assert call.mask is not None and call.mask.shape == (1, 2, 1, 10)
-    call.mask = call.mask.repeat_interleave(2, dim=1)
+    stored_k, stored_v = cache.layers[0].store.view()
+    call = wb.attention.AttentionCall(0, query[None], stored_k, stored_v, None, 64 ** -0.5,
+                                      wb.cache.testing.fake_module(0, 2), phase="decode", start=9)
+    mask = cache.attention_mask(call, None)
+    assert mask is not None and mask.shape == (1, 2, 1, 10)
+    call.mask = mask.repeat_interleave(2, dim=1)
     output = wb.attention.get("sdpa").attend(call, frozenset()).output[0]  # (1, heads, dim)
+    kept = {0: [0, 3, 5, 8, 9], 1: list(range(10))}  # positions; 9 is the new token
+    all_k, all_v = torch.cat([keys, new_k], 1), torch.cat([values, new_v], 1)
     for head in range(4):
         kv = head // 2
-        n = layer.held()[kv]
-        k, v = layer.head_keys[kv], layer.head_values[kv]
-        weights = torch.softmax(query[head] @ k[:n].T / 8.0, dim=-1)
-        torch.testing.assert_close(output[0, head], (weights @ v[:n])[0], atol=1e-5, rtol=1e-5)
+        k, v = all_k[kv, kept[kv]], all_v[kv, kept[kv]]
+        weights = torch.softmax(query[head] @ k.T / 8.0, dim=-1)
+        torch.testing.assert_close(output[0, head], (weights @ v)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -130,9 +126,9 @@ def test_a_budget_covering_everything_reproduces_the_full_cache(tiny_models, nam
         run = wb.generate(model, PROMPT, cache=wb.cache.get(name, budget=400), max_new_tokens=8, ignore_eos=True,
                           record=["logits", "cache"])
         assert run.token_ids == full.token_ids
-        torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values),
-                                   torch.from_numpy(full.trace["logits"].values), atol=1e-5, rtol=1e-5)
-        assert (run.trace["cache_evicted_at"] == -1).all()
+        torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values),
+                                   torch.from_numpy(full.steps["logits"].values), atol=1e-5, rtol=1e-5)
+        assert (run.steps["cache_evicted_at"] == -1).all()
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -140,13 +136,11 @@ def test_under_budget_the_cache_really_holds_less(tiny_llama, name):
     budget = 48
     policy = wb.cache.get(name, budget=budget, **({"window": 8} if name in ("snapkv", "pyramidkv", "h2o") else {}))
     run = wb.generate(tiny_llama, PROMPT, cache=policy, max_new_tokens=6, ignore_eos=True, record=["cache"])
-    trace = run.trace
+    trace = run.steps
     text = tiny_llama.text_config
     bytes_per_token = 2 * text.head_dim * 4  # one KV head: K and V, float32
     held = trace["cache_tokens"].values  # (step, layer, kv_head)
-    assert (trace["cache_bytes"].values == held.sum(axis=(1, 2)) * bytes_per_token).all()  # bytes are real
-    alive = wb.trace.cache_alive(trace)
-    assert (alive.sum("position").values == held).all()  # the eviction log agrees with the counts
+    assert_bytes_are_real(tiny_llama, trace)
     if policy.compress == "prefill":
         assert held[0].mean() <= budget and held[-1].mean() <= budget + 5  # compressed once, then it grows
     else:
@@ -177,14 +171,14 @@ def test_streaming_llm_matches_a_dense_masked_forward(tiny_llama):
     mask = streaming_mask(n_prompt, total, budget, sinks)[None, None]
     with torch.inference_mode():
         logits = tiny_llama.hf(ids, attention_mask=mask).logits[0, n_prompt - 1:].float()
-    torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values), logits, atol=1e-4, rtol=1e-4)
 
 
 def test_long_decoding_under_eviction_stays_consistent(tiny_llama):
     run = wb.generate(tiny_llama, "A", cache=wb.cache.get("h2o", budget=24, window=8, sinks=2),
                       max_new_tokens=150, ignore_eos=True, record=["cache"])
     assert len(run.token_ids) == 150
-    alive = wb.trace.cache_alive(run.trace).isel(step=-1)
+    alive = wb.trace.cache_alive(run.steps).isel(step=-1)
     assert (alive.sum("position") == 24).all()
     assert alive.isel(position=slice(0, 2)).all()  # sinks survive 150 steps
     cache_positions = alive.isel(layer=0, kv_head=0).values.nonzero()[0]
@@ -207,10 +201,11 @@ def test_embedded_model_policies_run_and_converge(embedded):
 def test_hf_generate_uses_the_policy_inside_the_bridge(tiny_llama):
     ids = tiny_llama.encode(PROMPT)
     cache = wb.cache.get("h2o", budget=32, window=8).build(tiny_llama)
-    with pytest.raises(wb.WorkbenchError, match="use workbench.generate, or run model.generate inside"):
+    with pytest.raises(wb.WorkbenchError, match="use workbench.generate or a workbench.run.Session, or run "
+                                                "model.generate inside"):
         tiny_llama.hf.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
     cache = wb.cache.get("h2o", budget=32, window=8).build(tiny_llama)
-    with wb.attention.use_attention(tiny_llama.hf, "sdpa", cache=cache):
+    with wb.run.use_attention(tiny_llama, "sdpa", cache=cache):
         out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
     ours = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("h2o", budget=32, window=8), max_new_tokens=6)
     assert out[0, ids.shape[1]:].tolist() == ours.token_ids
@@ -231,4 +226,4 @@ def test_bad_budgets_fail_clearly():
 def test_ratio_budget_follows_the_prompt(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("knorm", ratio=0.25, window=4), max_new_tokens=3,
                       ignore_eos=True, record=["cache"])
-    assert (run.trace["cache_tokens"].values[0] == -(-len(run.prompt_ids) // 4)).all()
+    assert (run.steps["cache_tokens"].values[0] == -(-len(run.prompt_ids) // 4)).all()

@@ -41,10 +41,16 @@ def test_temperature_sharpens_and_flattens():
     torch.testing.assert_close(hot, torch.softmax(LOGITS / 2, -1))
 
 
+def test_greedy_draws_from_a_point_mass():
+    logits = torch.randn(3, 20)
+    probs = wb.decode.get("greedy").probabilities(logits)
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 20).float())
+
+
 def test_samples_follow_the_filtered_distribution():
     decoder = wb.decode.get("sample", top_k=4, seed=123)
-    decoder.start(torch.device("cpu"))
-    draws = torch.stack([decoder.choose(LOGITS) for _ in range(4000)]).flatten()
+    generator = torch.Generator().manual_seed(123)
+    draws = torch.stack([decoder.choose(LOGITS, generator) for _ in range(4000)]).flatten()
     frequencies = torch.bincount(draws, minlength=5).float() / len(draws)
     expected = decoder.probabilities(LOGITS)[0]
     assert frequencies[4] == 0  # filtered out by top-k
@@ -52,12 +58,26 @@ def test_samples_follow_the_filtered_distribution():
     assert torch.allclose(frequencies, expected, atol=0.032)
 
 
-def test_same_seed_same_draws_and_fresh_seed_option():
+def test_same_seed_same_draws_and_fresh_seed_option(tiny_llama):
     def draws(seed):
-        decoder = wb.decode.get("sample", seed=seed)
-        decoder.start(torch.device("cpu"))
-        return [int(decoder.choose(LOGITS)) for _ in range(30)]
+        return wb.generate(tiny_llama, "abc", decoder=wb.decode.get("sample", seed=seed), max_new_tokens=30,
+                           ignore_eos=True).token_ids
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
     assert len(draws(None)) == 30
+
+
+def test_one_decoder_serves_runs_at_once_with_their_own_random_state(tiny_llama):
+    """The run owns the generator: two runs interleaved on one decoder object draw what each would alone."""
+    decoder = wb.decode.get("sample", seed=3)
+    alone = wb.generate(tiny_llama, "abc", decoder=decoder, max_new_tokens=12, ignore_eos=True).token_ids
+    seen = []
+
+    def inner(event):
+        if event.step == 5 and not seen:  # a second run on the same decoder in the middle of the first
+            seen.append(wb.generate(tiny_llama, "abc", decoder=decoder, max_new_tokens=12,
+                                    ignore_eos=True).token_ids)
+
+    outer = wb.generate(tiny_llama, "abc", decoder=decoder, max_new_tokens=12, ignore_eos=True, stream=inner)
+    assert outer.token_ids == alone and seen == [alone]

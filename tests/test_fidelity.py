@@ -55,7 +55,7 @@ def test_recall_and_error_against_a_plain_softmax():
 
 def test_dense_run_has_full_recall_no_error_and_no_kl(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, record="fidelity", max_new_tokens=5, ignore_eos=True)
-    trace = run.trace
+    trace = run.steps
     assert trace["attention_recall"].dims == ("step", "layer", "head")
     np.testing.assert_allclose(trace["attention_recall"].values, 1.0, atol=1e-5)
     np.testing.assert_allclose(trace["prompt_attention_recall"].values, 1.0, atol=1e-5)
@@ -67,7 +67,7 @@ def test_sparse_variant_recall_matches_its_mask_and_kl_matches_hf(tiny_llama):
     model = tiny_llama
     run = wb.generate(model, PROMPT, attention=LastKeys(keep=3), record=["fidelity", "logits"], max_new_tokens=4,
                       ignore_eos=True)
-    trace = run.trace
+    trace = run.steps
     recall = trace["attention_recall"].values
     assert (recall < 1.0 - 1e-3).any() and (recall > 0).all() and (recall <= 1 + 1e-6).all()
     assert trace["attention_output_error"].values.max() > 1e-3
@@ -88,7 +88,7 @@ def test_evicting_cache_kl_and_dropped_mass_match_hf_eager_attention(tiny_llama,
     model = tiny_llama
     run = wb.generate(model, PROMPT, cache=wb.cache.get("streaming_llm", budget=8, sinks=2),
                       record=["fidelity", "cache"], max_new_tokens=6, ignore_eos=True)
-    trace = run.trace
+    trace = run.steps
     assert trace["kl_vs_dense"].values[-1] > 1e-5  # later steps lost context: predictions differ
 
     # independent: HF's own eager attention weights over the whole history, summed over evicted positions
@@ -112,13 +112,13 @@ def test_evicting_cache_kl_and_dropped_mass_match_hf_eager_attention(tiny_llama,
     assert trace["cache_dropped_mass"].values[-1].max() > 0.01
 
     loaded = wb.load_trace(run.save(tmp_path / "fidelity.nc"))
-    xr.testing.assert_identical(loaded, trace)
+    xr.testing.assert_identical(loaded, run.trace)
 
 
 def test_full_cache_drops_nothing(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, record="fidelity", max_new_tokens=3)
-    assert run.trace["cache_dropped_mass"].dims == ("step", "layer", "head")
-    assert (run.trace["cache_dropped_mass"].values == 0).all()
+    assert run.steps["cache_dropped_mass"].dims == ("step", "layer", "head")
+    assert (run.steps["cache_dropped_mass"].values == 0).all()
 
 
 @pytest.mark.parametrize("name", ["sliding_window", "sink_window", "hybrid", "block_sparse", "pbs", "topk_retrieval",
@@ -129,13 +129,13 @@ def test_every_registered_variant_records_fidelity(tiny_llama, name):
               "pbs": {"block_size": 16, "segment": 16, "top_k": 1}, "topk_retrieval": {"top_k": 4}}.get(name, {})
     run = wb.generate(tiny_llama, PROMPT * 2, attention=wb.attention.get(name, **params), record="fidelity",
                       max_new_tokens=3, ignore_eos=True)
-    recall = run.trace["attention_recall"].values
+    recall = run.steps["attention_recall"].values
     if name in ("mpcvit", "entropy_guided"):  # they change the attention function, not the kept keys
         assert np.isnan(recall).all()
     else:
         assert ((recall > 0) & (recall <= 1 + 1e-5)).all() and recall.min() < 0.9999  # some mass was skipped
-    assert run.trace["attention_output_error"].values.max() > 1e-4
-    assert (run.trace["kl_vs_dense"].values >= -1e-6).all() and run.trace["kl_vs_dense"].values.max() > 0
+    assert run.steps["attention_output_error"].values.max() > 1e-4
+    assert (run.steps["kl_vs_dense"].values >= -1e-6).all() and run.steps["kl_vs_dense"].values.max() > 0
 
 
 def test_fidelity_is_listed_as_recordable():

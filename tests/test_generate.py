@@ -36,7 +36,7 @@ def test_embedded_greedy_parity_with_hf_generate(embedded, prompt):
     tokens, logits = hf_greedy(embedded, prompt, 16)
     run = wb.generate(embedded, prompt, max_new_tokens=16, record=["logits"])
     assert run.token_ids == tokens
-    torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values), logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.embedded
@@ -44,7 +44,7 @@ def test_embedded_eager_parity_with_hf_eager(embedded):
     tokens, logits = hf_greedy(embedded, CHAT, 8, attn="eager")
     run = wb.generate(embedded, CHAT, attention="eager", max_new_tokens=8, record=["logits"])
     assert run.token_ids == tokens
-    torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values), logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", wb.models.TINY_FAMILIES)
@@ -54,7 +54,7 @@ def test_tiny_parity_every_family(tiny_models, family, attention):
     tokens, logits = hf_greedy(model, RAW, 12, attn=attention)
     run = wb.generate(model, RAW, attention=attention, max_new_tokens=12, record=["logits"])
     assert run.token_ids == tokens
-    torch.testing.assert_close(torch.from_numpy(run.trace["logits"].values[:, :logits.shape[1]]), logits,
+    torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values[:, :logits.shape[1]]), logits,
                                atol=1e-4, rtol=1e-4)
 
 
@@ -63,7 +63,9 @@ def test_workbench_cache_works_inside_hf_generate(tiny_llama):
     cache = wb.cache.get("full").build(tiny_llama)
     out = tiny_llama.hf.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
     assert out[0, ids.shape[1]:].tolist() == wb.generate(tiny_llama, RAW, max_new_tokens=6).token_ids
-    assert cache.nbytes() == sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values))
+    allocated = sum(t.untyped_storage().nbytes() for layer in cache.layers
+                    for t in (layer.store.keys, layer.store.values))  # what torch really allocated
+    assert cache.nbytes() == allocated
 
 
 def hf_attention_rows(model, prompt, n_steps):
@@ -80,7 +82,7 @@ def test_recorded_attention_matches_hf_output_attentions(tiny_llama, attention):
     rows = hf_attention_rows(tiny_llama, RAW, 5)
     n_prompt = len(tiny_llama.encode(RAW)[0])
     run = wb.generate(tiny_llama, RAW, attention=attention, max_new_tokens=5, record=["attention", "entropy"])
-    trace = run.trace
+    trace = run.steps
     torch.testing.assert_close(torch.from_numpy(trace["prompt_attention"].values[:, :, :, :n_prompt]),
                                rows[:, :, :n_prompt, :n_prompt], atol=1e-5, rtol=1e-4)
     for step in range(5):  # the query that chose token `step` sits at position n_prompt + step - 1
@@ -100,12 +102,12 @@ def test_embedded_entropies_match_hf(embedded):
     tokens, logits = hf_greedy(embedded, CHAT, 6)
     run = wb.generate(embedded, CHAT, max_new_tokens=6, record=["entropy"])
     expected = torch.distributions.Categorical(logits=logits.double()).entropy().float()
-    torch.testing.assert_close(torch.from_numpy(run.trace["entropy"].values), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(run.steps["entropy"].values), expected, atol=1e-4, rtol=1e-4)
     # the embedded model's attention entropy (SDPA path, recomputed densely) against HF eager attention rows
     rows = hf_attention_rows(embedded, CHAT, 6)
     n_prompt = len(run.prompt_ids)
     entropy = torch.special.entr(rows).sum(-1)
-    torch.testing.assert_close(torch.from_numpy(run.trace["attention_entropy"].values),
+    torch.testing.assert_close(torch.from_numpy(run.steps["attention_entropy"].values),
                                entropy[:, :, n_prompt - 1:n_prompt + 5].permute(2, 0, 1), atol=1e-3, rtol=1e-3)
 
 
@@ -117,9 +119,9 @@ def test_stream_delivers_every_token_as_it_happens(tiny_llama):
     assert [e.token_id for e in events] == run.token_ids
     assert "".join(e.text for e in events) == run.text
     assert [e.finished for e in events] == [False] * 7 + [True]
-    assert [e.records["entropy"] for e in events] == pytest.approx(run.trace["entropy"].values.tolist())
+    assert [e.records["entropy"] for e in events] == pytest.approx(run.steps["entropy"].values.tolist())
     assert events[0].records["attention_entropy"].shape == (tiny_llama.num_layers, tiny_llama.num_heads)
-    assert [e.records["cache_bytes"] for e in events] == run.trace["cache_bytes"].values.tolist()
+    assert [e.records["cache_bytes"] for e in events] == run.steps["cache_bytes"].values.tolist()
 
 
 @pytest.mark.embedded

@@ -5,6 +5,7 @@ import pytest
 import xarray as xr
 
 import workbench as wb
+from workbench.cache.testing import assert_bytes_are_real
 
 PROMPT = "Traces keep what happened"
 
@@ -18,10 +19,13 @@ def full_run(tiny_models):
 
 def test_dimensions_and_coordinates_are_named(full_run):
     model, run = full_run
-    trace = run.trace
+    trace = run.steps
     n_prompt = len(run.prompt_ids)
-    assert dict(trace.sizes) == {"step": 6, "position": n_prompt + 6, "layer": 2, "head": 4, "kv_head": 2,
-                                 "query": n_prompt, "attn_layer": 2, "attn_head": 4, "vocab": 320}
+    assert dict(trace.sizes) == {"step": 6, "forward": 6, "position": n_prompt + 6, "layer": 2, "head": 4,
+                                 "kv_head": 2, "query": n_prompt, "attn_layer": 2, "attn_head": 4, "vocab": 320}
+    assert run.trace.sizes["sequence"] == 1 and all(run.trace[v].dims[0] == "sequence" for v in run.trace.data_vars)
+    assert trace["forward_phase"].values.tolist() == ["prefill"] + ["decode"] * 5
+    assert trace["forward_of_step"].values.tolist() == list(range(6))  # one forward pass chose each token
     assert trace["attention_entropy"].dims == ("step", "layer", "head")
     assert trace["prompt_attention_entropy"].dims == ("layer", "head", "query")
     assert trace["attention"].dims == ("step", "attn_layer", "attn_head", "position")
@@ -48,33 +52,37 @@ def test_netcdf_round_trip_is_identical(full_run, tmp_path):
     path = run.save(tmp_path / "run.nc")
     loaded = wb.load_trace(path)
     xr.testing.assert_identical(loaded, run.trace)
-    assert loaded["token"].values.tolist() == run.trace["token"].values.tolist()
+    assert loaded["token"].values[0].tolist() == run.steps["token"].values.tolist()
 
 
 def test_cache_records_are_the_bytes_the_tensors_hold(full_run):
     model, run = full_run
-    trace = run.trace
+    trace = run.steps
     n_prompt = len(run.prompt_ids)
     held = n_prompt + np.arange(6)  # after step s the cache holds the prompt and the first s new tokens
     assert (trace["cache_tokens"].values == held[:, None, None]).all()
     text = model.text_config
     bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4  # K and V, fp32
-    assert trace["cache_bytes"].values.tolist() == (held * bytes_per_token).tolist()
-    assert run.peak_cache_bytes == held[-1] * bytes_per_token
+    # the prefill allocates exactly the prompt; the first new token grows the buffers by their slack (16 slots)
+    capacity = np.where(np.arange(6) == 0, n_prompt, n_prompt + 1 + 16)
+    assert trace["cache_bytes"].values.tolist() == (capacity * bytes_per_token).tolist()
+    assert run.peak_cache_bytes == capacity.max() * bytes_per_token
+    assert_bytes_are_real(model, trace)
 
 
 def test_attention_rows_for_chosen_layers_and_heads(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, max_new_tokens=3, record={"attention": {"layers": [1], "heads": [0, 3]}})
-    assert run.trace["attn_layer"].values.tolist() == [1]
-    assert run.trace["attn_head"].values.tolist() == [0, 3]
-    rows = run.trace["attention"].values
+    assert run.steps["attn_layer"].values.tolist() == [1]
+    assert run.steps["attn_head"].values.tolist() == [0, 3]
+    rows = run.steps["attention"].values
     assert rows.shape == (3, 1, 2, len(run.prompt_ids) + 3)
     np.testing.assert_allclose(np.nansum(rows, axis=-1), 1.0, rtol=1e-5)  # each row is a distribution
 
 
 def test_nothing_recorded_keeps_only_tokens_and_timings(tiny_llama):
     run = wb.generate(tiny_llama, PROMPT, max_new_tokens=3)
-    assert list(run.trace.data_vars) == ["step_seconds"]
+    assert list(run.trace.data_vars) == ["step_seconds", "forward_seconds", "forward_phase", "forward_start",
+                                         "forward_tokens"]
     assert run.trace.sizes["step"] == 3
 
 
@@ -95,11 +103,11 @@ def test_attention_rows_of_evicting_caches_are_over_positions(tiny_models, polic
     cache = wb.cache.get(policy, budget=12, window=4)
     run = wb.generate(model, PROMPT, cache=cache, max_new_tokens=5, ignore_eos=True, record=["attention", "cache"])
     full = wb.generate(model, PROMPT, max_new_tokens=1, record=["attention"])
-    trace = run.trace
+    trace = run.steps
     # the prefill attends before anything is evicted: the same rows as with the full cache
     n_prompt = len(run.prompt_ids)
     np.testing.assert_allclose(trace["prompt_attention"].values[..., :n_prompt],
-                               full.trace["prompt_attention"].values[..., :n_prompt], atol=1e-6)
+                               full.steps["prompt_attention"].values[..., :n_prompt], atol=1e-6)
     evicted_at = trace["cache_evicted_at"].values  # (layer, kv_head, position)
     for step in range(1, 5):
         row = trace["attention"].isel(step=step).values  # (layer, head, position)

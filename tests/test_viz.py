@@ -50,7 +50,7 @@ def elements(plot, kind, label=None) -> list:
 
 
 def test_token_stream_shows_each_token_coloured_by_its_entropy(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     stream = viz.token_stream(trace, prompt=True)
     generated, = elements(stream, hv.Rectangles, "generated")
     assert list(generated.dimension_values("token")) == [readable(t) for t in trace["token"].values]
@@ -71,7 +71,7 @@ def test_token_stream_without_entropy_says_how_to_get_it(runs):
 
 
 def test_entropy_heatmap_is_the_recorded_attention_entropy(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     mean = viz.entropy_heatmap(trace)
     assert [d.name for d in mean.kdims] == ["step", "layer"]
     assert [d.name for d in mean.vdims] == ["attention_entropy", "token"]
@@ -89,7 +89,7 @@ def test_entropy_heatmap_is_the_recorded_attention_entropy(runs):
 
 
 def test_head_entropy_map_over_the_prompt_or_one_step(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     prompt = viz.head_entropy_map(trace)
     assert [d.name for d in prompt.kdims] == ["head", "layer"]
     expected = trace["prompt_attention_entropy"].mean("query").transpose("layer", "head").values.ravel()
@@ -104,7 +104,7 @@ def test_head_entropy_map_over_the_prompt_or_one_step(runs):
 
 
 def test_entropy_curve_is_next_token_entropy(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     curve = viz.entropy_curve(trace)
     np.testing.assert_allclose(curve.dimension_values("entropy"), trace["entropy"].values, rtol=1e-6)
     assert plot_options(curve)["ylabel"] == "entropy (nats)"
@@ -112,7 +112,7 @@ def test_entropy_curve_is_next_token_entropy(runs):
 
 
 def test_prompt_attention_matrix_has_tokens_on_both_axes(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     pattern = viz.attention_pattern(trace, layer=1, head=3)
     assert [d.name for d in pattern.kdims] == ["key", "query"]
     n_prompt = int(trace["is_prompt"].sum())
@@ -128,7 +128,7 @@ def test_prompt_attention_matrix_has_tokens_on_both_axes(runs):
 
 
 def test_decode_rows_are_over_positions_even_after_eviction(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     row = viz.attention_pattern(trace, layer=0, head=1, step=0)
     recorded = trace["attention"].sel(step=0, attn_layer=0, attn_head=1).values
     seen = ~np.isnan(recorded)
@@ -148,7 +148,7 @@ def test_decode_rows_are_over_positions_even_after_eviction(runs):
 
 
 def test_cache_occupancy_states_are_what_the_cache_held(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     alive = wb.trace.cache_alive(trace)
     merged = trace["cache_merged_into"] >= 0
     layer, kv_head = map(int, np.argwhere(merged.values.any(-1))[0])  # a head where kvmerger merged something
@@ -177,7 +177,7 @@ def test_cache_occupancy_states_are_what_the_cache_held(runs):
 
 
 def test_cache_bytes_curve(runs):
-    trace = runs[1].trace
+    trace = runs[1].steps
     curve = viz.cache_bytes(trace)
     assert list(curve.dimension_values("cache_bytes")) == trace["cache_bytes"].values.tolist()
     assert plot_options(curve)["ylabel"] == "bytes held by the KV cache"
@@ -197,7 +197,7 @@ def test_compare_marks_the_first_step_where_tokens_differ(runs):
     marks = elements(layout, hv.Rectangles, "marked")
     assert [list(mark.dimension_values("step")) for mark in marks] == [[expected], [expected]]
     entropy_a, entropy_b = elements(layout, hv.Curve)[:2]
-    np.testing.assert_allclose(entropy_b.dimension_values("entropy"), b.trace["entropy"].values, rtol=1e-6)
+    np.testing.assert_allclose(entropy_b.dimension_values("entropy"), b.steps["entropy"].values, rtol=1e-6)
     assert (entropy_a.label, entropy_b.label) == ("greedy", "sampled")
     assert ("token", "@{token}") in tooltips(layout)
 
@@ -223,7 +223,7 @@ def test_entropy_overview_and_supported_plots_follow_the_records(runs):
 
 
 def test_fidelity_plots_whatever_fidelity_the_trace_holds(runs):
-    trace = runs[0].trace
+    trace = runs[0].steps
     recall = np.random.default_rng(0).uniform(0.5, 1.0, (6, 2, 4))
     kl = np.linspace(0.0, 0.3, 6)
     with_fidelity = trace.assign(attention_recall=(("step", "layer", "head"), recall), kl_vs_dense=("step", kl),
@@ -241,7 +241,7 @@ def test_fidelity_plots_whatever_fidelity_the_trace_holds(runs):
 
 
 def test_fidelity_of_a_real_recorded_run(tiny_llama):
-    trace = wb.generate(tiny_llama, PROMPT, record=["fidelity"], max_new_tokens=3, ignore_eos=True).trace
+    trace = wb.generate(tiny_llama, PROMPT, record=["fidelity"], max_new_tokens=3, ignore_eos=True).steps
     assert viz.fidelity_variables(trace) == ["attention_recall", "attention_output_error", "kl_vs_dense"]
     layout = viz.fidelity(trace)
     assert elements(layout, hv.Curve)[-1].dimension_values("kl_vs_dense").tolist() == \
@@ -250,7 +250,7 @@ def test_fidelity_of_a_real_recorded_run(tiny_llama):
 
 def test_fidelity_shows_dense_attention_lost_to_eviction(tiny_llama):
     trace = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("streaming_llm", budget=8, sinks=2),
-                        record=["fidelity"], max_new_tokens=4, ignore_eos=True).trace
+                        record=["fidelity"], max_new_tokens=4, ignore_eos=True).steps
     assert "cache_dropped_mass" in viz.fidelity_variables(trace)
     heatmap = elements(viz.fidelity(trace), hv.HeatMap)[-1]
     expected = trace["cache_dropped_mass"].mean("head").transpose("step", "layer").values.ravel()

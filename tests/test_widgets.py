@@ -76,7 +76,7 @@ def test_run_fills_text_and_feeds_the_live_streams(panel):
     [run] = panel.runs
     assert len(run.token_ids) == 10 and panel.progress.value == 10
     assert html.escape(run.text) in panel.text_a.value
-    trace = run.trace
+    trace = run.steps
     entropy, cache = panel.live.entropy.data, panel.live.cache_bytes.data
     np.testing.assert_array_equal(entropy["step"].to_numpy(), np.arange(10))
     np.testing.assert_allclose(entropy["entropy"].to_numpy(), trace["entropy"].values)

@@ -6,20 +6,17 @@
     run.text, run.tokens_per_s, run.trace              # trace: an xarray.Dataset
 """
 
-__version__ = "0.1.0"
+from workbench import attention, cache, decode, routers, run, trace  # component registries, the run, traces
+from workbench.errors import ModelLoadError, ParameterError, PromptError, UnknownComponentError, WorkbenchError
+from workbench.families import FAMILIES
+from workbench.models import Model, load, tiny, wrap
+from workbench.run import Run, Session, StepEvent, generate, use_attention
+from workbench.trace import RECORDABLE, load_trace
+from workbench.version import __version__
 
-from workbench import attention, cache, decode, routers  # noqa: E402  (component registries)
-from workbench.errors import (ModelLoadError, ParameterError, PromptError, UnknownComponentError,  # noqa: E402
-                              WorkbenchError)
-from workbench.models import Model, load, tiny, wrap  # noqa: E402
-from workbench.run import Run, StepEvent, generate  # noqa: E402
-from workbench.trace import RECORDABLE, load_trace  # noqa: E402
-
-FAMILIES = {"attention": attention, "cache": cache, "decoder": decode, "router": routers}
-
-__all__ = ["attention", "cache", "decode", "routers", "FAMILIES", "Model", "load", "tiny", "wrap", "generate",
-           "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError", "UnknownComponentError",
-           "ParameterError", "PromptError", "ModelLoadError", "__version__"]
+__all__ = ["attention", "cache", "decode", "routers", "run", "trace", "FAMILIES", "Model", "load", "tiny", "wrap",
+           "generate", "Session", "use_attention", "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError",
+           "UnknownComponentError", "ParameterError", "PromptError", "ModelLoadError", "__version__"]
 
 
 def __getattr__(name: str):

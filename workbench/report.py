@@ -112,12 +112,12 @@ def _summary(run: Any, trace: xr.Dataset) -> dict[str, Any]:
 
 
 def _recorded(config: dict[str, Any], trace: xr.Dataset) -> set[str]:
-    from workbench.viz.inputs import RECORDED_BY
+    from workbench.trace import schema
 
     record = config.get("record")
     if isinstance(record, list):
         return set(record)
-    return {record for variable, record in RECORDED_BY.items() if variable in trace}
+    return {schema.recorded_by(variable) for variable in trace.data_vars} - {None}
 
 
 def _table(values: dict[str, Any]) -> str:

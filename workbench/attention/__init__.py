@@ -12,7 +12,6 @@ block_sparse, pbs, topk_retrieval. Changed attention functions: mpcvit (softmax-
 
 from workbench.attention.base import AttentionCall, AttentionResult, AttentionVariant
 from workbench.attention.block_sparse import BlockSparse
-from workbench.attention.bridge import use_attention
 from workbench.attention.eager import Eager
 from workbench.attention.entropy_guided import EntropyGuided
 from workbench.attention.flash import Flash
@@ -33,5 +32,5 @@ VARIANTS = (Eager, SDPA, Flash, SlidingWindow, SinkWindow, Hybrid, BlockSparse, 
 for variant in VARIANTS:
     register(variant)
 
-__all__ = ["AttentionCall", "AttentionResult", "AttentionVariant", "MaskedVariant", "Sparsity", "use_attention",
+__all__ = ["AttentionCall", "AttentionResult", "AttentionVariant", "MaskedVariant", "Sparsity",
            "registry", "register", "available", "get", "describe", "VARIANTS", *(v.__name__ for v in VARIANTS)]

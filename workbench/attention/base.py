@@ -1,8 +1,10 @@
 """What an attention variant sees and returns.
 
 transformers calls one attention function per layer with the query, the whole cached key/value and a mask.
-workbench hands that call to the active variant as an `AttentionCall`; the variant returns an
+workbench hands that call to the session's variant as an `AttentionCall`; the variant returns an
 `AttentionResult`: the output, plus the statistics the recorder asked for (per-query entropy, attention rows).
+The call says which phase of the run the forward pass belongs to (see PHASES) and the position of every query:
+components read those, never guess them from the number of queries.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from workbench.registry import Component
 #   key_mass -- (batch, kv_heads, k_len): attention each key received, summed over the queries and over the query
 #               heads of its KV group (the score H2O-style caches accumulate)
 STATISTICS = ("entropy", "probs", "key_mass")
+
+# The phases of a forward pass:
+#   prefill  the prompt (the first pass of a run)
+#   decode   tokens the run has chosen, one pass per step
+#   verify   k + 1 draft positions checked at once (speculative decoding): provisional until committed
+#   rollout  a look-ahead that will be discarded (or committed): provisional
+#   append   a later chat turn, or a chunk of teacher-forced text, on top of what the cache holds
+PHASES = ("prefill", "decode", "verify", "rollout", "append")
+PROVISIONAL = frozenset({"verify", "rollout"})
+DECODING = frozenset({"decode", "verify", "rollout"})  # passes of tokens the run itself chose (or might choose)
 
 
 @dataclass
@@ -41,11 +53,37 @@ class AttentionCall:
     # what a variant worked out for this call and may need again within it (e.g. its sparsity pattern, which
     # both `attend` and the fidelity metric's `kept_mask` use)
     memo: dict = field(default_factory=dict)
+    phase: str = "prefill"  # one of PHASES
+    start: int = 0  # the position of the first query (query i is the token at position start + i)
 
     @property
     def groups(self) -> int:
         """Query heads per KV head (GQA)."""
         return self.query.shape[1] // self.key.shape[1]
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def provisional(self) -> bool:
+        return self.phase in PROVISIONAL
+
+    @property
+    def decoding(self) -> bool:
+        """A pass of tokens the run chose (decode) or may choose (verify, rollout)."""
+        return self.phase in DECODING
+
+    def positions(self) -> torch.Tensor:
+        """Long (q_len,): the position of each query."""
+        return torch.arange(self.start, self.start + self.num_queries, device=self.query.device)
+
+    def row(self, i: int) -> AttentionCall:
+        """The same call for query row i alone (its mask row, its position); statistics memo not shared."""
+        mask = None if self.mask is None else self.mask[:, :, i:i + 1]
+        return AttentionCall(self.layer, self.query[:, :, i:i + 1], self.key, self.value, mask, self.scaling,
+                             self.module, self.kwargs, self.probs_heads, self.slot_positions, {}, self.phase,
+                             self.start + i)
 
 
 @dataclass

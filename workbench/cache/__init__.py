@@ -1,13 +1,18 @@
 """KV cache policies: what is kept between decoding steps. A registry of small named components.
 
     workbench.cache.get("snapkv", budget=128).build(model)  -> a transformers Cache for one run
+
+A cache is a store per layer (workbench.cache.storage: dense or per-KV-head ragged) x a policy (this registry),
+and transactional (workbench.cache.kvcache: provisional passes, commit, rollback).
 """
 
-from workbench.cache.base import CachePolicy, KVCache
+from workbench.cache.base import CachePolicy
+from workbench.cache.kvcache import CacheLayer, ForwardPass, KVCache
+from workbench.cache.storage import DenseStore, RaggedStore
 from workbench.cache.cake import CAKE
 from workbench.cache.d2o import D2O
-from workbench.cache.eviction import EvictingCache, EvictionPolicy
-from workbench.cache.full import Full, FullCache
+from workbench.cache.eviction import EvictionPolicy
+from workbench.cache.full import Full
 from workbench.cache.h2o import H2O
 from workbench.cache.knorm import KNorm
 from workbench.cache.kvmerger import KVMerger
@@ -29,5 +34,6 @@ POLICIES = (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV, CAKE, LazyE
 for _policy in POLICIES:
     register(_policy)
 
-__all__ = ["CachePolicy", "KVCache", "EvictingCache", "EvictionPolicy", "FullCache", "registry", "register",
+__all__ = ["CachePolicy", "KVCache", "CacheLayer", "ForwardPass", "DenseStore", "RaggedStore", "EvictionPolicy",
+           "registry", "register",
            "available", "get", "describe", "POLICIES", *(policy.__name__ for policy in POLICIES)]

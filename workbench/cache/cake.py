@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.attention import reference
-from workbench.cache.eviction import EvictingCache, EvictionPolicy
+from workbench.cache.eviction import EvictionPolicy
 from workbench.errors import ParameterError
 from workbench.registry import param
 
@@ -51,16 +51,35 @@ class CAKE(EvictionPolicy):
         if self.kernel % 2 == 0:
             raise ParameterError(f"cache 'cake' parameter 'kernel' is {self.kernel}; it must be odd")
 
-    def build(self, model) -> CakeCache:
-        return CakeCache(model.config, self)
+    def layer_budgets(self, base: int, num_layers: int, prompt_length: int) -> list[int]:
+        return [prompt_length] * num_layers  # every layer holds its prompt until the cascade slices the budget
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        n = state.layer.held()[head]
-        if call.query.shape[2] > 1:  # the prefill: the indicator measured over the observation window
-            return state.head_scores[head]
+    def score(self, layer, call, result) -> torch.Tensor:
+        if call.phase == "prefill":  # the indicator measured over the observation window
+            return layer.extra("indicator")
         probs = torch.softmax(reference.scores(call, slice(-1, None)), dim=-1)[0]  # (heads, 1, keys)
-        mass = _pool(probs[:, 0], self.kernel).view(-1, call.groups, probs.shape[-1]).mean(1)
-        return mass[head, :n]
+        return _pool(probs[:, 0], self.kernel).view(-1, call.groups, probs.shape[-1]).mean(1)
+
+    def evict(self, layer, call, result) -> None:
+        if call.phase != "prefill":  # decoding (compress="both"): the base evicts to the final budgets
+            return super().evict(layer, call, result)
+        cache, n = layer.cache, call.num_queries
+        base = self.budget if self.ratio is None else max(1, math.ceil(self.ratio * n))
+        protected = self.sinks + self.window
+        probs = window_attention_rows(call, self.window)
+        preferences = cache.state.get("preferences", [])[:layer.index] + [
+            layer_preference(probs, self.window, self.tau1, self.tau2)]
+        cache.state["preferences"] = preferences
+        layer.extra("indicator")[:] = eviction_indicator(probs, call.groups, self.gamma, self.kernel)
+        shares = allocate(max(0, base - protected) * cache.num_layers, preferences,
+                          [max(0, n - protected)] * len(preferences))
+        budgets = cache.state["budgets"]
+        for index, share in enumerate(shares):  # the cascade: earlier layers shrink to their new share
+            budget = min(budgets[index][0], protected + share)
+            budgets[index] = [budget] * cache.num_kv_heads
+            earlier = cache.layers[index]
+            if max(earlier.held) > budget:
+                self.evict_to(earlier, call, result, budgets[index])
 
 
 def window_attention_rows(call, window: int) -> torch.Tensor:
@@ -105,38 +124,6 @@ def allocate(total: int, weights: list[float], caps: list[int]) -> list[int]:
             shares[i], left = caps[i], left - caps[i]
             open_.remove(i)
     return shares
-
-
-class CakeCache(EvictingCache):
-    """EvictingCache whose prefill measures each layer, then re-slices the budget over the layers seen so far."""
-
-    def __init__(self, config, policy: CAKE):
-        super().__init__(config, policy)
-        self.preferences: list[float] = []  # P_l of the layers measured so far, in order
-
-    def after_attention(self, call, result) -> None:
-        if call.query.shape[2] == 1:  # decoding: the base evicts (compress="both") to the final budgets
-            return super().after_attention(call, result)
-        policy, state = self.policy, self.states[call.layer]
-        n = state.layer.seen
-        base = policy.budget if policy.ratio is None else max(1, math.ceil(policy.ratio * n))
-        protected = policy.sinks + policy.window
-        probs = window_attention_rows(call, policy.window)
-        self.preferences = self.preferences[:call.layer] + [
-            layer_preference(probs, policy.window, policy.tau1, policy.tau2)]
-        state.head_scores = list(eviction_indicator(probs, call.groups, policy.gamma, policy.kernel))
-        if self.budgets is None:
-            self.budgets = [n] * self.num_layers
-        shares = allocate(max(0, base - protected) * self.num_layers, self.preferences,
-                          [max(0, n - protected)] * len(self.preferences))
-        for layer, share in enumerate(shares):  # the cascade: earlier layers shrink to their new share
-            self.budgets[layer] = min(self.budgets[layer], protected + share)
-            for head, held in enumerate(self.states[layer].layer.held()):
-                if held > self.budgets[layer]:
-                    self._evict(self.states[layer], head, self.budgets[layer], call, result)
-        if call.layer == self.num_layers - 1:  # the indicators served the prefill only
-            for done in self.states:
-                done.head_scores = None
 
 
 def _pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:

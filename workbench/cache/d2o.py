@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from workbench.attention import reference
-from workbench.cache.eviction import EvictingCache, LayerState
 from workbench.cache.h2o import H2O
 from workbench.registry import param
 
@@ -48,8 +47,7 @@ class D2O(H2O):
     threshold: float | None = param(None, "fixed merge threshold on key cosine similarity; None: the EMA (as D2O)",
                                     min=-1.0, max=1.0)
 
-    def build(self, model) -> D2OCache:
-        return D2OCache(model.config, self)
+    tentative = False  # merges cannot be undone: inside a provisional pass it evicts at commit
 
     def density(self, call) -> float:
         """Normalised entropy of the last `window` query rows (averaged over rows and heads), in [0, 1]."""
@@ -68,65 +66,47 @@ class D2O(H2O):
         floor = self.sinks + self.window
         return [max(floor, round(base * len(densities) * d / total)) for d in densities]
 
-    def merge(self, state, head, keep, drop) -> torch.Tensor:
-        layer = state.layer
-        keys, values = layer.head_keys[head], layer.head_values[head]
-        into = torch.full((drop.shape[0],), -1, dtype=torch.long, device=drop.device)
-        if drop.numel() == 0 or keep.numel() == 0:
-            return into
-        k, v = keys.float(), values.float()
-        unit = F.normalize(k, dim=-1)
-        best, nearest = (unit[drop] @ unit[keep].T).max(dim=1)  # nearest: index into keep
-        tau = self.threshold
-        if tau is None:
-            previous = state.thresholds[head]
-            current = float(best.mean())
-            tau = current if previous is None else self.beta * previous + (1 - self.beta) * current
-            state.thresholds[head] = tau
-        merged = best >= tau
-        into[merged] = layer.head_positions[head][keep[nearest[merged]]]
-        for c in nearest[merged].unique().tolist():
-            members = merged & (nearest == c)
-            slot = keep[c]
-            weights = torch.cat([best.new_ones(1), best[members]]).exp()  # exp(1) for the kept token itself
-            weights = weights / weights.sum()
-            group = torch.cat([slot.view(1), drop[members]])
-            keys[slot] = (weights @ k[group]).to(keys.dtype)
-            values[slot] = (weights @ v[group]).to(values.dtype)
-        return into
-
-
-class D2OState(LayerState):
-    def __init__(self, index, layer):
-        super().__init__(index, layer)
-        self.thresholds: list[float | None] = []  # per KV head: the EMA merge threshold
-        self.density: float | None = None  # the layer's attention density at the prefill
-
-
-class D2OCache(EvictingCache):
-    """Defers prefill eviction to the last layer, so budgets can follow every layer's attention density."""
-
-    def __init__(self, config, policy: D2O):
-        super().__init__(config, policy)
-        self.states = [D2OState(i, layer) for i, layer in enumerate(self.layers)]
-
-    def after_attention(self, call, result) -> None:
-        state = self.states[call.layer]
-        if not state.thresholds:
-            state.thresholds = [None] * state.layer.num_heads
-        if self.budgets is not None or call.query.shape[2] == 1:
-            return super().after_attention(call, result)
-        policy = self.policy
-        policy.observe(state, call, result)
-        state.density = policy.density(call)
-        if call.layer < self.num_layers - 1:
+    def evict(self, layer, call, result) -> None:
+        """At the prefill, wait for the last layer, then give every layer its budget and compress them all."""
+        if call.phase != "prefill":
+            return super().evict(layer, call, result)
+        cache = layer.cache
+        densities = cache.state.setdefault("densities", [None] * cache.num_layers)
+        densities[layer.index] = self.density(call)
+        if layer.index < cache.num_layers - 1:
             return
-        seen = state.layer.seen
-        base = policy.budget if policy.ratio is None else max(1, math.ceil(policy.ratio * seen))
-        self.budgets = policy.allocate(base, [s.density for s in self.states], prompt_length=seen)
-        if policy.compress == "decode":
+        n = call.num_queries
+        base = self.budget if self.ratio is None else max(1, math.ceil(self.ratio * n))
+        cache.state["budgets"] = [[b] * cache.num_kv_heads for b in self.allocate(base, densities, n)]
+        if self.compress == "decode":
             return
-        for layer_state, budget in zip(self.states, self.budgets):
-            for head, held in enumerate(layer_state.layer.held()):
-                if held > budget:
-                    self._evict(layer_state, head, budget, call, result)
+        for each, budgets in zip(cache.layers, cache.state["budgets"]):
+            if max(each.held) > budgets[0]:
+                self.evict_to(each, call, result, budgets)
+
+    def merge(self, layer, alive, valid, call) -> torch.Tensor:
+        dropped = valid & ~alive
+        keys = layer.held_keys().float()
+        unit = F.normalize(keys, dim=-1)
+        similarity = (unit @ unit.transpose(1, 2)).masked_fill(~(dropped[:, :, None] & alive[:, None, :]),
+                                                                float("-inf"))
+        best, nearest = similarity.max(dim=-1)  # nearest: the most similar kept slot
+        tau = self.threshold_now(layer, torch.where(dropped, best, 0.0), dropped)
+        merged = dropped & (best >= tau[:, None])
+        weights = torch.where(merged, best.exp(), 0.0)
+        slots = torch.arange(keys.shape[1], device=keys.device).expand_as(nearest)
+        layer.merge(nearest, slots, weights, torch.full_like(weights, math.e))  # the kept token: exp(1)
+        return torch.where(merged, layer.positions().gather(1, nearest), -1)
+
+    def threshold_now(self, layer, best: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """(kv_heads,) merge threshold: the fixed one, or the EMA of each eviction's mean best similarity."""
+        if self.threshold is not None:
+            return torch.full((best.shape[0],), self.threshold, device=best.device)
+        count = dropped.sum(-1)
+        current = best.sum(-1) / count.clamp_min(1)
+        previous = layer.state.get("threshold")
+        tau = current if previous is None else torch.where(
+            torch.isnan(previous), current, self.beta * previous + (1 - self.beta) * current)
+        tau = torch.where(count > 0, tau, float("nan") if previous is None else previous)
+        layer.state["threshold"] = tau  # replaced, never changed in place (states are snapshotted shallowly)
+        return tau

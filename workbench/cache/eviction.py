@@ -1,28 +1,33 @@
 """The shared base of eviction policies (in the manner of kvpress: one scoring base, one small class per method).
 
-A policy scores the tokens each KV head holds; `EvictingCache` keeps, per layer and head, the protected tokens
-(the first `sinks` and the last `window`) plus the best-scored others up to the budget, and really frees the rest.
-It compresses after a layer's attention has run, at the prefill (the prompt's forward pass), during decoding
-(whenever a head holds more than its budget, checked every `every` steps), or both.
+A policy scores the tokens every KV head of a layer holds, all heads at once (`score` -> (kv_heads, slots)); the
+base keeps, per head, the protected tokens (the first `sinks` positions and the newest `window`) plus the
+best-scored others up to the budget, and frees the rest. When it compresses follows the pass's phase:
 
-Policies that score by attention receive it through workbench's attention bridge (see `wants` / `observe`), so
-they run in `workbench.generate`, or in `model.generate` inside `workbench.attention.use_attention(...)`.
+    prefill          compress="prefill" or "both"
+    decode, verify,  compress="decode" or "both", every `every` decoding steps (a verify or rollout row counts as a
+    rollout          step; inside a provisional pass the eviction is tentative, see workbench.cache.kvcache)
+    append           a later turn: policies that compress while decoding keep their budget; prefill-only policies
+                     re-compress only with compress_turns=True
+
+Budgets are fixed at the prefill (from the prompt length when `ratio` is given). Ties between scores go to the
+older token (a stable sort), so the same inputs keep the same tokens however the slots are laid out.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from workbench.cache.base import CachePolicy, KVCache
-from workbench.cache.headwise import HeadwiseLayer
-from workbench.errors import ParameterError, WorkbenchError
+from workbench.cache.base import CachePolicy
+from workbench.cache.storage import RaggedStore
+from workbench.errors import ParameterError
 from workbench.registry import param
 
 PHASES = ("prefill", "decode", "both")
+PROTECTED = 1e37  # ranks protected tokens above any score; newer protected tokens above older ones
 
 
 @dataclass
@@ -36,8 +41,9 @@ class EvictionPolicy(CachePolicy):
     compress: str = param("both", "when to evict: at the prefill, during decoding, or both", choices=PHASES)
     every: int = param(1, "during decoding, evict every this many steps (the cache may exceed the budget between)",
                        min=1)
+    compress_turns: bool = param(False, "prefill-only policies: also compress each later turn (an 'append' pass)")
 
-    needs: ClassVar[frozenset[str]] = frozenset()  # attention statistics wanted every forward pass
+    store = RaggedStore
 
     def validate(self) -> None:
         if self.ratio is not None and self.ratio <= 0:
@@ -46,8 +52,9 @@ class EvictionPolicy(CachePolicy):
             raise ParameterError(f"cache '{self.name}' budget {self.budget} is smaller than sinks + window "
                                  f"({self.sinks} + {self.window}); raise the budget or lower sinks/window")
 
-    def build(self, model) -> EvictingCache:
-        return EvictingCache(model.config, self)
+    @property
+    def acts_while_decoding(self) -> bool:
+        return bool(self.needs) or self.compress != "prefill"
 
     # -- what subclasses override ---------------------------------------------------------------------------
     def layer_budgets(self, base: int, num_layers: int, prompt_length: int) -> list[int | list[int]]:
@@ -55,116 +62,60 @@ class EvictionPolicy(CachePolicy):
         per KV head (PyramidKV-style policies vary it by layer, RazorAttention-style ones by head)."""
         return [base] * num_layers
 
-    def observe(self, state: LayerState, call, result) -> None:
-        """See a layer's attention every forward pass (accumulate statistics here)."""
-
-    def score(self, state: LayerState, head: int, call, result) -> torch.Tensor:
-        """A score per token the head holds (higher: more worth keeping)."""
+    def score(self, layer, call, result) -> torch.Tensor:
+        """Float (kv_heads, slots): how much each held token is worth keeping (padding slots are ignored)."""
         raise NotImplementedError
 
-    def merge(self, state: LayerState, head: int, keep: torch.Tensor, drop: torch.Tensor) -> torch.Tensor | None:
-        """Merging policies fold the dropped entries (storage indices `drop`) into kept ones (`keep`) by updating
-        the kept keys/values in place, and return, per dropped entry, the position it went into (-1: none).
-        Plain eviction returns None: dropped entries are simply freed."""
+    def merge(self, layer, alive: torch.Tensor, valid: torch.Tensor, call) -> torch.Tensor | None:
+        """Merging policies fold the entries about to go (valid & ~alive) into kept ones through `layer.merge`, and
+        return per slot the position each went into (-1: none). Plain eviction returns None."""
         return None
 
+    # -- the base's work --------------------------------------------------------------------------------------
+    def begin_pass(self, cache, forward) -> None:
+        if forward.phase == "prefill":  # budgets may depend on the prompt's length
+            base = self.budget if self.ratio is None else max(1, math.ceil(self.ratio * forward.count))
+            cache.state["budgets"] = [b if isinstance(b, list) else [b] * cache.num_kv_heads
+                                      for b in self.layer_budgets(base, cache.num_layers, forward.count)]
 
-class LayerState:
-    """A layer's storage plus whatever a policy accumulates about its tokens (e.g. H2O's attention sums)."""
+    def due(self, layer, call) -> bool:
+        """Whether this pass (or provisional row) compresses."""
+        if call.phase == "prefill":
+            return self.compress != "decode"
+        if call.phase == "append":
+            return self.compress != "prefill" or self.compress_turns
+        return self.compress != "prefill" and layer.state["decode_steps"] % self.every == 0
 
-    def __init__(self, index: int, layer: HeadwiseLayer):
-        self.index = index
-        self.layer = layer
-        self.head_scores: list[torch.Tensor] | None = None  # accumulated per-token scores, aligned with storage
+    def budgets(self, layer) -> list[int]:
+        return layer.cache.state["budgets"][layer.index]
 
-
-class EvictingCache(KVCache):
-    """A transformers cache whose layers store per KV head and evict what their policy scores lowest."""
-
-    def __init__(self, config, policy: EvictionPolicy):
-        super().__init__(config)
-        self.policy = policy
-        self.num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        self.layers = [HeadwiseLayer() for _ in range(self.num_layers)]
-        self.states = [LayerState(i, layer) for i, layer in enumerate(self.layers)]
-        self.budgets: list[int] | None = None  # per layer, fixed when the prompt arrives
-        self.decode_steps = 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        # transformers builds masks in index space: queries sit after the tokens the layer holds
-        return self.layers[layer_idx].held_max() if layer_idx < len(self.layers) else 0
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if not self.bridged:  # without the bridge nothing would ever be evicted: refuse rather than mislead
-            raise WorkbenchError(f"cache '{self.policy.name}' evicts after each layer's attention, which it sees "
-                                 "through workbench's attention: use workbench.generate, or run model.generate "
-                                 "inside `with workbench.attention.use_attention(model.hf, 'sdpa', cache=cache):`")
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    # -- accounting ---------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def tokens_held(self) -> torch.Tensor:
-        return torch.tensor([layer.held() or [0] * self.num_kv_heads for layer in self.layers], dtype=torch.long)
-
-    def positions(self, layer_idx: int) -> list[torch.Tensor]:
-        """Per KV head, the absolute positions the layer keeps (heads may differ in count)."""
-        return list(self.layers[layer_idx].head_positions)
-
-    def slot_positions(self, layer_idx: int) -> torch.Tensor:
-        return self.layers[layer_idx].slot_positions()
-
-    # -- the attention bridge's hooks ---------------------------------------------------------------------
-    def wants(self, layer_idx: int) -> frozenset[str]:
-        return self.policy.needs
-
-    def attention_mask(self, layer_idx: int, call) -> torch.Tensor | None:
-        return self.layers[layer_idx].attention_mask()
-
-    def after_attention(self, call, result) -> None:
-        """Called by the bridge once a layer's attention ran: let the policy observe, then evict."""
-        state = self.states[call.layer]
-        layer = state.layer
-        self.policy.observe(state, call, result)
-        prefill = call.query.shape[2] > 1
-        if self.budgets is None:  # the first forward pass carries the prompt: budgets may depend on its length
-            policy = self.policy
-            base = policy.budget if policy.ratio is None else max(1, math.ceil(policy.ratio * layer.seen))
-            self.budgets = policy.layer_budgets(base, self.num_layers, prompt_length=layer.seen)
-        phase_on = self.policy.compress == "both" or self.policy.compress == ("prefill" if prefill else "decode")
-        if not phase_on:
+    def evict(self, layer, call, result) -> None:
+        if not self.due(layer, call):
             return
-        if not prefill and call.layer == 0:
-            self.decode_steps += 1
-        if not prefill and self.decode_steps % self.policy.every:
+        budgets, held = self.budgets(layer), layer.held_at(call)
+        if all(n <= b for n, b in zip(held, budgets)):
             return
-        budget = self.budgets[call.layer]
-        per_head = budget if isinstance(budget, list) else [budget] * layer.num_heads
-        for head, (held, limit) in enumerate(zip(layer.held(), per_head)):
-            if held > limit:
-                self._evict(state, head, limit, call, result)
+        self.evict_to(layer, call, result, budgets)
 
-    def _evict(self, state: LayerState, head: int, budget: int, call, result) -> None:
-        layer = state.layer
-        positions = layer.head_positions[head]
-        n = positions.shape[0]
-        protected = positions < self.policy.sinks
-        protected[max(0, n - self.policy.window):] = True
-        scores = self.policy.score(state, head, call, result).float().clone()
-        free = budget - int(protected.sum())
-        if free <= 0:  # only protected tokens fit: the most recent of them win
-            keep = torch.nonzero(protected).flatten()[-budget:]
-        else:
-            scores[protected] = float("-inf")
-            chosen = torch.topk(scores, min(free, n - int(protected.sum()))).indices
-            keep = torch.cat([torch.nonzero(protected).flatten(), chosen])
-        drop = torch.ones(n, dtype=torch.bool, device=keep.device)
-        drop[keep] = False
-        merged_into = self.policy.merge(state, head, keep.sort().values, torch.nonzero(drop).flatten())
-        layer.keep(head, keep, merged_into)
-        if state.head_scores is not None:
-            state.head_scores[head] = state.head_scores[head][keep.sort().values]
+    def evict_to(self, layer, call, result, budgets: list[int]) -> None:
+        """Keep, per head, its protected tokens and the best-scored others, `budgets[h]` in all."""
+        counts = [min(n, b) for n, b in zip(layer.held_at(call), budgets)]
+        valid = layer.valid(call)
+        positions = layer.positions()
+        newest = layer.newest(call)
+        protected = (positions < self.sinks) | (positions > newest - self.window)
+        alive = keep_best(self.score(layer, call, result), valid, protected, positions, newest, counts)
+        layer.keep(alive, counts, call, self.merge(layer, alive, valid, call))
 
-    def drain_events(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
-        return [(i, *event) for i, layer in enumerate(self.layers) for event in layer.drain_events()]
+
+def keep_best(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, positions: torch.Tensor,
+              newest: int, counts: list[int]) -> torch.Tensor:
+    """Bool (kv_heads, slots): per head, `counts[h]` valid slots: protected ones first (the newest first when they
+    do not all fit), then by descending score, ties to the older slot."""
+    ranked = torch.where(protected, PROTECTED * (1 + positions.float() / (newest + 1)), scores.float())
+    ranked = ranked.masked_fill(~valid, float("-inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order).contiguous())
+    limit = torch.tensor(counts, device=rank.device)[:, None]
+    return (rank < limit) & valid

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workbench.cache.base import CachePolicy, KVCache
-
-
-class FullCache(KVCache):
-    """transformers' DynamicCache with workbench's accounting; nothing is ever evicted."""
+from workbench.cache.base import CachePolicy
 
 
 @dataclass
 class Full(CachePolicy):
     name = "full"
-    summary = "Keep every token's keys and values (the transformers DynamicCache)."
+    summary = "Keep every token's keys and values (a dense store, like transformers' DynamicCache)."
     paper = None
-
-    def build(self, model) -> FullCache:
-        return FullCache(model.config)
+    needs_bridge = False  # nothing to evict: works in any forward, with or without workbench's attention

@@ -20,15 +20,9 @@ class H2O(EvictionPolicy):
     window: int = param(32, "most recent tokens always kept", min=0)
     needs: ClassVar[frozenset[str]] = frozenset({"key_mass"})
 
-    def observe(self, state, call, result) -> None:
-        mass = result.key_mass[0]  # (kv_heads, keys): this pass's attention per key, padded slots at the end
-        held = state.layer.held()
-        if state.head_scores is None:
-            state.head_scores = [mass.new_zeros(0) for _ in held]
-        for head, n in enumerate(held):
-            previous = state.head_scores[head]
-            grown = torch.cat([previous, previous.new_zeros(n - previous.shape[0])])
-            state.head_scores[head] = grown + mass[head, :n]
+    def observe(self, layer, call, result) -> None:
+        received = layer.extra("attention")  # per slot: attention received so far, summed over query heads
+        received += result.key_mass[0].float()
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        return state.head_scores[head]
+    def score(self, layer, call, result) -> torch.Tensor:
+        return layer.extra("attention")

@@ -15,5 +15,5 @@ class KNorm(EvictionPolicy):
     summary = "Keep the tokens whose keys have the lowest L2 norm (they tend to draw the most attention)."
     paper = "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (Devoto et al., EMNLP 2024)"
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        return -state.layer.head_keys[head].float().norm(dim=-1)
+    def score(self, layer, call, result) -> torch.Tensor:
+        return -layer.held_keys().float().norm(dim=-1)

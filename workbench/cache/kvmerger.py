@@ -49,27 +49,22 @@ class KVMerger(H2O):
         if self.sigma <= 0:
             raise ParameterError(f"cache '{self.name}' parameter 'sigma' must be > 0 (the kernel width), got 0")
 
-    def merge(self, state, head, keep, drop) -> torch.Tensor:
-        layer = state.layer
-        keys, values = layer.head_keys[head], layer.head_values[head]
-        positions = layer.head_positions[head]
-        into = torch.full((drop.shape[0],), -1, dtype=torch.long, device=drop.device)
-        if drop.numel() == 0 or keep.numel() == 0:
-            return into
-        k, v = keys.float(), values.float()
-        unit = F.normalize(k, dim=-1)
-        adjacent = (unit[1:] * unit[:-1]).sum(-1)
-        merging_set = torch.cat([adjacent.new_zeros(1), (adjacent < self.threshold).float().cumsum(0)])
-        similarity = unit[drop] @ unit[keep].T  # (dropped, kept)
-        similarity[merging_set[drop][:, None] != merging_set[keep][None, :]] = float("-inf")
-        best, pivot = similarity.max(dim=1)  # pivot: index into keep
-        merged = best > float("-inf")
-        into[merged] = positions[keep[pivot[merged]]]
-        for p in pivot[merged].unique().tolist():
-            slot = keep[p]
-            group = torch.cat([slot.view(1), drop[merged & (pivot == p)]])
-            spread = 2 * self.sigma ** 2 * k[slot].pow(2).sum().clamp_min(1e-12)
-            weights = torch.softmax(-(k[group] - k[slot]).pow(2).sum(-1) / spread, dim=0)
-            keys[slot] = (weights @ k[group]).to(keys.dtype)
-            values[slot] = (weights @ v[group]).to(values.dtype)
-        return into
+    tentative = False  # merges cannot be undone: inside a provisional pass it evicts at commit
+
+    def merge(self, layer, alive, valid, call) -> torch.Tensor:
+        dropped = valid & ~alive
+        keys = layer.held_keys().float()
+        unit = F.normalize(keys, dim=-1)
+        adjacent = (unit[:, 1:] * unit[:, :-1]).sum(-1)  # slots are in position order
+        breaks = (adjacent < self.threshold) | ~valid[:, 1:] | ~valid[:, :-1]
+        merging_set = torch.cat([adjacent.new_zeros(adjacent.shape[0], 1), breaks.float().cumsum(-1)], dim=-1)
+        similarity = unit @ unit.transpose(1, 2)  # (heads, slots, slots)
+        allowed = dropped[:, :, None] & alive[:, None, :] & (merging_set[:, :, None] == merging_set[:, None, :])
+        best, pivot = similarity.masked_fill(~allowed, float("-inf")).max(dim=-1)  # pivot: the kept slot
+        merged = dropped & (best > float("-inf"))
+        pivot_keys = keys.gather(1, pivot[..., None].expand_as(keys))
+        spread = 2 * self.sigma ** 2 * pivot_keys.pow(2).sum(-1).clamp_min(1e-12)
+        weights = torch.where(merged, torch.exp(-(keys - pivot_keys).pow(2).sum(-1) / spread), 0.0)
+        slots = torch.arange(keys.shape[1], device=keys.device).expand_as(pivot)
+        layer.merge(pivot, slots, weights, torch.ones_like(weights))  # the pivot's own weight is exp(0) = 1
+        return torch.where(merged, layer.positions().gather(1, pivot), -1)

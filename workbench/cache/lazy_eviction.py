@@ -47,28 +47,23 @@ class LazyEviction(EvictionPolicy):
 
     needs: ClassVar[frozenset[str]] = frozenset({"key_mass"})
 
-    def observe(self, state, call, result) -> None:
-        layer = state.layer
-        now = layer.seen - 1  # the position of the latest query
-        if state.head_scores is None:
-            state.head_scores = [torch.zeros(0, 2, dtype=torch.long, device=p.device) for p in layer.head_positions]
-        for head, n in enumerate(layer.held()):
-            track = state.head_scores[head]  # per token: (last recurrence, MRI)
-            new = torch.zeros(n - track.shape[0], 2, dtype=torch.long, device=track.device)
-            new[:, 0] = now  # entering the cache is the first occurrence
-            track = torch.cat([track, new])
-            if call.query.shape[2] == 1:
-                mass = result.key_mass[0, head, :n]
-                recurs = mass > self.threshold * mass.mean()
-                gap = now - track[:, 0]
-                track[:, 1] = torch.where(recurs, torch.maximum(track[:, 1], gap), track[:, 1])
-                track[:, 0] = torch.where(recurs, now, track[:, 0])
-            state.head_scores[head] = track
+    def observe(self, layer, call, result) -> None:
+        now = layer.newest(call)  # the position of the latest query
+        valid = layer.valid(call)
+        last = layer.extra("last_recurrence", -1, torch.long)  # per slot: when it last recurred
+        mri = layer.extra("max_interval", 0, torch.long)  # per slot: its maximum recurrence interval
+        last.masked_fill_(valid & (last < 0), now)  # entering the cache is the first occurrence
+        if call.decoding:
+            mass = result.key_mass[0].float()  # (kv_heads, slots): this step's attention per token
+            held = torch.tensor(layer.held_at(call), device=mass.device).clamp_min(1)
+            recurs = valid & (mass > self.threshold * (mass.sum(-1) / held)[:, None])
+            mri.copy_(torch.where(recurs, torch.maximum(mri, now - last), mri))
+            last.masked_fill_(recurs, now)
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        last, mri = state.head_scores[head].unbind(-1)
-        now = state.layer.seen - 1
-        idle = now - last
+    def score(self, layer, call, result) -> torch.Tensor:
+        now = layer.newest(call)
+        idle = now - layer.extra("last_recurrence", -1, torch.long)
+        mri = layer.extra("max_interval", 0, torch.long)
         overdue = idle > mri
         # not overdue: in [-MRI, 0], higher for a sooner predicted recurrence; overdue: below -(now + 1)
         return torch.where(overdue, -(now + 1) - (idle - mri), idle - mri).float()

@@ -13,8 +13,8 @@ MPCache combines a look-once static eviction with query-aware dynamic selection:
   clusters, the sinks, the observation window and every token generated since the prefill, through the cache's
   attention mask. Unselected tokens stay in memory: the selection saves compute, not bytes.
 
-`cache.selected_fraction[layer]` holds, after each decoding step, the fraction of the layer's held tokens that
-the latest query could see (None before the first decoding step).
+`cache.layers[i].state["selected_fraction"]` holds, after each decoding step, the fraction of the layer's held
+tokens the latest queries could see (absent before the first decoding step).
 
 Simplified against the paper: no MPC-friendly similarity approximation (exact dot products), no cross-layer index
 sharing (every layer selects for itself), clusters are built once and never updated, tokens generated after the
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.cache.eviction import EvictingCache
 from workbench.cache.snapkv import SnapKV
 from workbench.errors import ParameterError
 from workbench.registry import param
@@ -61,8 +60,35 @@ class MPCache(SnapKV):
                                  f"chosen coarse clusters hold at most top_coarse * fine = "
                                  f"{self.top_coarse * self.fine}; use top_fine <= {self.top_coarse * self.fine}")
 
-    def build(self, model) -> MPCacheCache:
-        return MPCacheCache(model.config, self)
+    @property
+    def acts_while_decoding(self) -> bool:
+        return True  # every decoding query selects its own clusters
+
+    def evict(self, layer, call, result) -> None:
+        super().evict(layer, call, result)
+        if call.phase == "prefill":  # cluster what was kept, once
+            keys, positions, newest = layer.held_keys(), layer.positions(), layer.newest(call)
+            selectable = (positions >= self.sinks) & (positions <= newest - self.window)  # not sinks, not window
+            layer.state["clusters"] = [HeadClusters(keys[h, :n], selectable[h, :n], self.coarse, self.fine)
+                                       for h, n in enumerate(layer.held)]
+
+    def visible(self, layer, call) -> torch.Tensor | None:
+        """Bool (kv_heads, q, slots): per decoding query, the slots of the fine clusters it selects, the sinks, the
+        observation window and every token after the prefill. Sets layer.state["selected_fraction"] (a 0-d
+        tensor: the share of held slots the queries see)."""
+        clusters = layer.state.get("clusters")
+        if clusters is None or not call.decoding:
+            return None
+        groups, q_len = call.groups, call.num_queries
+        visible = torch.ones(len(clusters), q_len, layer.store.slots, dtype=torch.bool, device=call.query.device)
+        for head, index in enumerate(clusters):
+            n = index.labels.shape[0]
+            for row in range(q_len):
+                query = call.query[0, head * groups:(head + 1) * groups, row].float()
+                visible[head, row, :n] = index.select(query, self.top_coarse, self.top_fine) | (index.labels < 0)
+        held = layer.valid()[:, None, :]
+        layer.state["selected_fraction"] = (visible & held).sum() / (held.sum() * q_len)
+        return None if bool((visible | ~held).all()) else visible  # everything selected: plain attention
 
 
 def kmeans(points: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,50 +134,7 @@ class HeadClusters:
         coarse_scores = (query @ self.coarse_centroids.T).sum(0)
         chosen = torch.topk(coarse_scores, min(top_coarse, len(coarse_scores))).indices
         fine_scores = (query @ self.fine_centroids.T).sum(0)
-        eligible = torch.isin(self.parents, chosen)
-        fine_scores[~eligible] = float("-inf")
-        picked = torch.topk(fine_scores, min(top_fine, int(eligible.sum()))).indices
+        fine_scores = fine_scores.masked_fill(~torch.isin(self.parents, chosen), float("-inf"))
+        best = torch.topk(fine_scores, min(top_fine, len(fine_scores)))
+        picked = best.indices.masked_fill(best.values == float("-inf"), -1)  # fewer eligible: no pick
         return torch.isin(self.labels, picked)
-
-
-class MPCacheCache(EvictingCache):
-    """SnapKV's cache plus per-head clusters built after the prefill and a query-aware attention mask."""
-
-    def __init__(self, config, policy: MPCache):
-        super().__init__(config, policy)
-        self.clusters: list[list[HeadClusters] | None] = [None] * self.num_layers
-        self.selected_fraction: list[float | None] = [None] * self.num_layers
-
-    def after_attention(self, call, result) -> None:
-        super().after_attention(call, result)
-        if call.query.shape[2] > 1 and self.clusters[call.layer] is None:  # the prefill: cluster what was kept
-            layer, policy = self.layers[call.layer], self.policy
-            self.clusters[call.layer] = [
-                HeadClusters(keys, self._selectable(positions), policy.coarse, policy.fine)
-                for keys, positions in zip(layer.head_keys, layer.head_positions)]
-
-    def _selectable(self, positions: torch.Tensor) -> torch.Tensor:
-        selectable = positions >= self.policy.sinks
-        selectable[max(0, len(positions) - self.policy.window):] = False  # the observation window
-        return selectable
-
-    def attention_mask(self, layer_idx: int, call) -> torch.Tensor | None:
-        base = super().attention_mask(layer_idx, call)
-        clusters = self.clusters[layer_idx]
-        if clusters is None or call.query.shape[2] != 1:
-            return base
-        layer, policy, groups = self.layers[layer_idx], self.policy, call.groups
-        held = layer.held()
-        visible = torch.zeros(len(held), max(held), dtype=torch.bool, device=call.query.device)
-        for head, index in enumerate(clusters):
-            query = call.query[0, head * groups:(head + 1) * groups, 0].float()
-            chosen = index.select(query, policy.top_coarse, policy.top_fine) | (index.labels < 0)
-            visible[head, :held[head]] = True
-            visible[head, :len(chosen)] = chosen
-        self.selected_fraction[layer_idx] = float(visible.sum()) / sum(held)
-        mask = visible[None, :, None, :]
-        if base is not None:
-            mask = mask & base
-        elif bool(visible.all()):
-            return None  # everything selected: plain attention is already right
-        return mask

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.attention import use_attention
-from workbench.cache.eviction import EvictingCache, EvictionPolicy
+from workbench.cache.eviction import EvictionPolicy
+from workbench.cache.kvcache import KVCache
 from workbench.errors import ParameterError
 from workbench.registry import param
 
@@ -50,6 +50,7 @@ class RazorAttention(EvictionPolicy):
     seed: int = param(0, "seed of the probe's random tokens", min=0)
 
     retrieval_heads: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    tentative = False  # folding entries cannot be undone: inside a provisional pass it evicts at commit
 
     def validate(self) -> None:
         super().validate()
@@ -58,11 +59,15 @@ class RazorAttention(EvictionPolicy):
                                  f"compensation token: it must be >= sinks + window + 1 "
                                  f"({self.sinks} + {self.window} + 1)")
 
-    def build(self, model) -> EvictingCache:
-        heads = find_retrieval_heads(model, self.retrieval_fraction, self.probe_length, self.seed)
+    def build(self, model, forward=None) -> KVCache:
+        if forward is None:
+            raise ParameterError("cache 'razor_attention' finds its retrieval heads with a forward pass over a probe: "
+                                 "build it with workbench.run.build_cache(model, policy) (what workbench.generate "
+                                 "and Session do), or give the heads with policy.build_for(model, heads)")
+        heads = find_retrieval_heads(model, forward, self.retrieval_fraction, self.probe_length, self.seed)
         return self.build_for(model, heads)
 
-    def build_for(self, model, retrieval_heads: torch.Tensor) -> EvictingCache:
+    def build_for(self, model, retrieval_heads: torch.Tensor) -> KVCache:
         """A cache for `model` with given retrieval heads: bool (layers, kv_heads)."""
         expected = (model.num_layers, model.num_kv_heads)
         if tuple(retrieval_heads.shape) != expected:
@@ -70,36 +75,28 @@ class RazorAttention(EvictionPolicy):
                                  f"got {tuple(retrieval_heads.shape)}")
         policy = dataclasses.replace(self)  # a copy for this run, bound to this model's heads
         policy.retrieval_heads = retrieval_heads.bool().cpu()
-        return EvictingCache(model.config, policy)
+        return KVCache(model.config, policy, self.store)
 
     def layer_budgets(self, base: int, num_layers: int, prompt_length: int) -> list[list[int]]:
         base = max(base, self.sinks + self.window + 1)
         return [[FULL if full else base for full in layer.tolist()] for layer in self.retrieval_heads]
 
-    def observe(self, state, call, result) -> None:
-        held = state.layer.held()  # per entry: how many tokens it stands for (1, more for a compensation token)
-        if state.head_scores is None:
-            state.head_scores = [torch.zeros(0, device=call.query.device) for _ in held]
-        for head, n in enumerate(held):
-            counts = state.head_scores[head]
-            state.head_scores[head] = torch.cat([counts, counts.new_ones(n - counts.shape[0])])
+    def score(self, layer, call, result) -> torch.Tensor:
+        stands_for = layer.extra("stands_for", 1.0)  # per entry: how many tokens it stands for
+        return torch.where(stands_for > 1, torch.inf, layer.positions().float())  # recency; it always stays
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        positions = state.layer.head_positions[head].float()  # recency; the compensation token always stays
-        return torch.where(state.head_scores[head] > 1, torch.inf, positions)
-
-    def merge(self, state, head, keep, drop) -> torch.Tensor:
-        layer, counts = state.layer, state.head_scores[head]
-        positions = layer.head_positions[head]
-        n = positions.shape[0]
-        free = keep[(positions[keep] >= self.sinks) & (keep < n - self.window)]
-        into = int(free.min())  # the oldest unprotected kept entry: the compensation token
-        weights = torch.cat([counts[into:into + 1], counts[drop]])
-        for store in (layer.head_keys[head], layer.head_values[head]):
-            rows = torch.cat([store[into:into + 1], store[drop]]).float()
-            store[into] = ((weights[:, None] * rows).sum(0) / weights.sum()).to(store.dtype)
-        counts[into] = weights.sum()
-        return torch.full_like(drop, int(positions[into]))
+    def merge(self, layer, alive, valid, call) -> torch.Tensor:
+        """Fold every dropped entry into the head's compensation token: the oldest unprotected kept entry."""
+        stands_for = layer.extra("stands_for", 1.0)
+        positions = layer.positions()
+        dropped = valid & ~alive
+        unprotected = alive & (positions >= self.sinks) & (positions <= layer.newest(call) - self.window)
+        into = unprotected.int().argmax(-1, keepdim=True).expand_as(positions)  # the first such slot per head
+        weights = torch.where(dropped, stands_for, 0.0)
+        slots = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        layer.merge(into, slots, weights, stands_for)
+        stands_for.scatter_add_(1, into[:, :1], weights.sum(-1, keepdim=True))
+        return torch.where(dropped, positions.gather(1, into), -1)
 
 
 def induction_scores(probs: torch.Tensor, length: int, groups: int) -> torch.Tensor:
@@ -111,7 +108,7 @@ def induction_scores(probs: torch.Tensor, length: int, groups: int) -> torch.Ten
     return copied.view(-1, groups).amax(-1)
 
 
-def retrieval_head_scores(model, probe_length: int = 64, seed: int = 0) -> torch.Tensor:
+def retrieval_head_scores(model, forward, probe_length: int = 64, seed: int = 0) -> torch.Tensor:
     """(layers, kv_heads) induction scores of `model`, computed once per model and probe, then cached."""
     per_model = _HEAD_SCORES.setdefault(model.hf, {})
     if (probe_length, seed) not in per_model:
@@ -124,17 +121,17 @@ def retrieval_head_scores(model, probe_length: int = 64, seed: int = 0) -> torch
                                  "of the vocabulary")
         ids = torch.tensor([pool[:probe_length] * 2], device=model.device)
         probe = _InductionProbe(probe_length, model.num_layers, model.num_kv_heads)
-        with torch.inference_mode(), use_attention(model.hf, "eager", observer=probe):
-            model.hf(input_ids=ids, use_cache=False)
+        forward(ids, probe, "eager")
         per_model[(probe_length, seed)] = probe.scores
     return per_model[(probe_length, seed)]
 
 
-def find_retrieval_heads(model, retrieval_fraction: float = 0.15, probe_length: int = 64,
+def find_retrieval_heads(model, forward, retrieval_fraction: float = 0.15, probe_length: int = 64,
                          seed: int = 0) -> torch.Tensor:
     """Bool (layers, kv_heads): the top `retrieval_fraction` of KV heads by induction score (at least one when
-    the fraction is above zero)."""
-    scores = retrieval_head_scores(model, probe_length, seed)
+    the fraction is above zero). `forward(ids, observer, attention)` runs the probe (workbench.run.build_cache
+    gives one that runs through a session)."""
+    scores = retrieval_head_scores(model, forward, probe_length, seed)
     count = math.ceil(retrieval_fraction * scores.numel())
     chosen = torch.zeros(scores.numel(), dtype=torch.bool)
     chosen[torch.topk(scores.flatten(), count).indices] = True

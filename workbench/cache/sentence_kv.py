@@ -2,7 +2,7 @@
 
 SentenceKV works at the granularity of sentences:
 
-- sentences: the token ids of every forward pass (the cache's `see_tokens` hook) are decoded with the model's
+- sentences: the token ids of every forward pass (they travel with the pass) are decoded with the model's
   tokenizer; a sentence ends with a token containing '.', '!', '?' or a newline.
 - summaries: a sentence's semantic vector, per layer and KV head, is the mean of the keys it holds there.
 - selection: at each decoding step, per KV head, the sentences are scored by query . summary, summed over the
@@ -13,8 +13,8 @@ SentenceKV works at the granularity of sentences:
   whole sentences are evicted, the lowest-scoring for the latest query first (the current sentence last; the one
   that only partly fits loses its earliest tokens), sinks and window always kept.
 
-`cache.selected_fraction[layer]` holds, after each decoding step, the fraction of the layer's held tokens that
-the latest query could see (None before the first decoding step).
+`cache.layers[i].state["selected_fraction"]` holds, after each decoding step, the fraction of the layer's held
+tokens the latest queries could see (absent before the first decoding step).
 
 Simplified against the paper: sentences are split by punctuation rather than grouped by semantic similarity, the
 summaries are recomputed from the held keys at every step instead of being kept apart from the offloaded KV, and
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.cache.eviction import EvictingCache, EvictionPolicy
+from workbench.cache.eviction import EvictionPolicy
+from workbench.cache.kvcache import KVCache
 from workbench.errors import ParameterError, WorkbenchError
 from workbench.registry import param
 
@@ -52,8 +53,23 @@ class SentenceKV(EvictionPolicy):
         if self.budget is not None or self.ratio is not None:
             super().validate()
 
-    def build(self, model) -> SentenceKVCache:
-        return SentenceKVCache(model.config, self, model.tokenizer)
+    @property
+    def acts_while_decoding(self) -> bool:
+        return True  # every decoding query selects its own sentences
+
+    def build(self, model, forward=None) -> KVCache:
+        if model.tokenizer is None:
+            raise ParameterError("cache 'sentence_kv' needs the model's tokenizer to find sentence ends")
+        cache = super().build(model, forward)
+        cache.state["sentences"] = Sentences(model.tokenizer)
+        return cache
+
+    def begin_pass(self, cache, forward) -> None:
+        super().begin_pass(cache, forward)
+        if forward.token_ids is None:
+            raise WorkbenchError("cache 'sentence_kv' needs the token ids of every forward pass to find sentences: "
+                                 "run it through workbench (generate, Session or workbench.run.use_attention)")
+        cache.state["sentences"].see(forward.start, forward.token_ids.tolist())
 
     def layer_budgets(self, base, num_layers, prompt_length):
         return [sys.maxsize if base is None else base] * num_layers
@@ -66,18 +82,52 @@ class SentenceKV(EvictionPolicy):
         counts = torch.bincount(inverse, minlength=len(ids)).clamp_min(1)
         return ids, inverse, (query.float() @ (sums / counts[:, None]).T).sum(0)
 
-    def score(self, state, head, call, result) -> torch.Tensor:
+    def score(self, layer, call, result) -> torch.Tensor:
         """Per token: the rank of its sentence for the latest query (its own sentence ranks first), plus a
         fraction growing with position, so whole sentences go lowest first and a cut one keeps its latest tokens."""
-        positions = state.layer.head_positions[head]
-        sentence = state.sentences.of(positions)
-        groups = call.groups
-        query = call.query[0, head * groups:(head + 1) * groups, -1]
-        ids, inverse, scores = self.sentence_scores(state.layer.head_keys[head], sentence, query)
-        scores[ids == sentence[-1]] = float("inf")
-        rank = torch.empty(len(ids), dtype=torch.long, device=positions.device)
-        rank[scores.argsort()] = torch.arange(len(ids), device=positions.device)
-        return rank[inverse].float() + positions.float() / (float(positions.max()) + 1)
+        sentences, groups = layer.cache.state["sentences"], call.groups
+        valid, positions, keys = layer.valid(call), layer.positions(), layer.held_keys()
+        scores = torch.full(positions.shape, float("-inf"), device=positions.device)
+        own = sentences.of(torch.tensor([layer.newest(call)], device=positions.device))[0]
+        for head in range(positions.shape[0]):
+            slots = valid[head]
+            held = positions[head][slots]
+            sentence = sentences.of(held)
+            query = call.query[0, head * groups:(head + 1) * groups, -1]
+            ids, inverse, by_sentence = self.sentence_scores(keys[head][slots], sentence, query)
+            by_sentence[ids == own] = float("inf")
+            rank = torch.empty(len(ids), dtype=torch.long, device=positions.device)
+            rank[by_sentence.argsort()] = torch.arange(len(ids), device=positions.device)
+            scores[head][slots] = rank[inverse].float() + held.float() / (held.max().float() + 1)
+        return scores
+
+    def visible(self, layer, call) -> torch.Tensor | None:
+        """Bool (kv_heads, q, slots): per decoding query, its sinks, its recent window, its own sentence and the
+        `top_sentences` best other sentences. Sets layer.state["selected_fraction"] (a 0-d tensor)."""
+        if not call.decoding:
+            return None
+        sentences, groups = layer.cache.state["sentences"], call.groups
+        valid, positions, keys = layer.valid(), layer.positions(), layer.held_keys()
+        visible = torch.zeros(positions.shape[0], call.num_queries, positions.shape[1], dtype=torch.bool,
+                              device=positions.device)
+        for row in range(call.num_queries):
+            now = call.start + row
+            own = sentences.of(torch.tensor([now], device=positions.device))[0]
+            for head in range(positions.shape[0]):
+                slots = valid[head] & (positions[head] <= now)
+                held = positions[head][slots]
+                sentence = sentences.of(held)
+                query = call.query[0, head * groups:(head + 1) * groups, row]
+                ids, inverse, by_sentence = self.sentence_scores(keys[head][slots], sentence, query)
+                always = (held < self.sinks) | (held > now - self.window) | (sentence == own)
+                hidden = torch.bincount(inverse[~always], minlength=len(ids)) > 0  # sentences not fully visible
+                by_sentence = by_sentence.masked_fill(~hidden, float("-inf"))
+                best = torch.topk(by_sentence, min(self.top_sentences, len(ids)))
+                chosen = best.indices[best.values > float("-inf")]
+                visible[head, row, slots] = always | torch.isin(inverse, chosen)
+        held = valid[:, None, :]
+        layer.state["selected_fraction"] = (visible & held).sum() / (held.sum() * call.num_queries)
+        return None if bool((visible | ~held).all()) else visible  # everything selected: plain attention
 
 
 class Sentences:
@@ -86,8 +136,8 @@ class Sentences:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ends: dict[int, bool] = {}  # token id -> whether it ends a sentence
-        self.ids = torch.zeros(0, dtype=torch.long)  # per position
-        self.next = 0  # the id the next token's sentence gets
+        self.ids: list[int] = []  # per position
+        self.closed: list[bool] = []  # per position: its token ends its sentence
 
     def ends_sentence(self, token_id: int) -> bool:
         if token_id not in self.ends:
@@ -95,58 +145,15 @@ class Sentences:
             self.ends[token_id] = any(mark in text for mark in SENTENCE_ENDS)
         return self.ends[token_id]
 
-    def see(self, token_ids: list[int]) -> None:
-        ids = []
+    def see(self, start: int, token_ids: list[int]) -> None:
+        """The tokens at positions start, start + 1, ... (anything recorded from `start` on is replaced: a pass
+        after a rollback starts where the kept tokens end)."""
+        del self.ids[start:], self.closed[start:]
         for token_id in token_ids:
-            ids.append(self.next)
-            if self.ends_sentence(token_id):
-                self.next += 1
-        self.ids = torch.cat([self.ids, torch.tensor(ids, dtype=torch.long)])
+            self.ids.append(0 if not self.ids else self.ids[-1] + self.closed[-1])
+            self.closed.append(self.ends_sentence(token_id))
 
     def of(self, positions: torch.Tensor) -> torch.Tensor:
         if len(positions) and int(positions.max()) >= len(self.ids):
-            raise WorkbenchError("cache 'sentence_kv' needs the token ids of every forward pass to find sentences: "
-                                 "use workbench.generate, or call cache.see_tokens(input_ids) before each forward")
-        return self.ids.to(positions.device)[positions]
-
-
-class SentenceKVCache(EvictingCache):
-    """An evicting cache that tracks sentences and masks each decoding query to its selected sentences."""
-
-    def __init__(self, config, policy: SentenceKV, tokenizer):
-        super().__init__(config, policy)
-        if tokenizer is None:
-            raise ParameterError("cache 'sentence_kv' needs the model's tokenizer to find sentence ends")
-        self.sentences = Sentences(tokenizer)
-        for state in self.states:
-            state.sentences = self.sentences
-        self.selected_fraction: list[float | None] = [None] * self.num_layers
-
-    def see_tokens(self, input_ids: torch.Tensor) -> None:
-        if input_ids.shape[0] != 1:
-            raise WorkbenchError(f"compressing caches hold one sequence; got a batch of {input_ids.shape[0]}")
-        self.sentences.see(input_ids[0].tolist())
-
-    def attention_mask(self, layer_idx: int, call) -> torch.Tensor | None:
-        base = super().attention_mask(layer_idx, call)
-        if call.query.shape[2] != 1:
-            return base
-        layer, policy, groups = self.layers[layer_idx], self.policy, call.groups
-        held = layer.held()
-        now = int(layer.last_query_positions[-1])
-        own = int(self.sentences.of(layer.last_query_positions[-1:])[0])  # the query's own sentence
-        visible = torch.zeros(len(held), max(held), dtype=torch.bool, device=call.query.device)
-        for head, positions in enumerate(layer.head_positions):
-            sentence = self.sentences.of(positions)
-            query = call.query[0, head * groups:(head + 1) * groups, 0]
-            ids, inverse, scores = policy.sentence_scores(layer.head_keys[head], sentence, query)
-            always = (positions < policy.sinks) | (positions > now - policy.window) | (sentence == own)
-            hidden = torch.bincount(inverse[~always], minlength=len(ids)) > 0  # sentences not fully visible
-            scores[~hidden] = float("-inf")
-            chosen = torch.topk(scores, min(policy.top_sentences, int(hidden.sum()))).indices
-            visible[head, :held[head]] = always | torch.isin(inverse, chosen)
-        self.selected_fraction[layer_idx] = float(visible.sum()) / sum(held)
-        mask = visible[None, :, None, :]
-        if base is not None:
-            return mask & base
-        return None if bool(visible.all()) else mask
+            raise WorkbenchError("cache 'sentence_kv' needs the token ids of every forward pass to find sentences")
+        return torch.tensor(self.ids, dtype=torch.long, device=positions.device)[positions]

@@ -23,7 +23,5 @@ class SnapKV(EvictionPolicy):
     kernel: int = param(7, "pooling width over neighbouring tokens (odd; 1: off)", min=1)
     compress: str = param("prefill", "when to evict (SnapKV compresses the prompt only)", choices=PHASES)
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        n = state.layer.held()[head]
-        votes = window_attention(call, last=max(1, self.window))
-        return pooled(votes, self.kernel | 1)[head, :n]
+    def score(self, layer, call, result) -> torch.Tensor:
+        return pooled(window_attention(call, last=max(1, self.window)), self.kernel | 1)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from workbench.cache.eviction import EvictionPolicy
+from workbench.cache.storage import DenseStore
 from workbench.registry import param
 
 
@@ -17,5 +19,7 @@ class StreamingLLM(EvictionPolicy):
 
     window: int = param(0, "most recent tokens always kept (the rest of the budget is recent anyway)", min=0)
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        return state.layer.head_positions[head].float()  # newer is better
+    store = DenseStore  # every head keeps the same positions
+
+    def score(self, layer, call, result) -> torch.Tensor:
+        return layer.positions().float()  # newer is better

@@ -1,5 +1,13 @@
-"""Driving a cache policy by hand, without a model forward pass: fill a layer with chosen keys, then run the
-attention hooks on chosen queries. Used by the policy tests and handy in notebooks to see a policy decide."""
+"""Driving a cache policy by hand, without a model: give a layer chosen keys, then run the bridge's own per-layer
+step (slot mask -> attention -> statistics -> policy) on chosen queries. Used by the policy tests and handy in
+notebooks to watch a policy decide.
+
+    cache = wb.cache.get("h2o", budget=4, sinks=0, window=1).build(model)
+    fill(cache, 0, keys)                     # a prefill pass: layer 0 gets keys (kv_heads, n, head_dim)
+    attend(cache, 0, queries)                # layer 0's attention over them; returns the kept positions per head
+    fill(cache, 0, new_key)                  # the next fill of a layer starts the next pass (a decode pass)
+    attend(cache, 0, query, AttentionResult(out, key_mass=mass))   # or hand the policy chosen statistics
+"""
 
 from __future__ import annotations
 
@@ -7,16 +15,95 @@ from types import SimpleNamespace
 
 import torch
 
+from workbench.attention import reference
+from workbench.attention.base import AttentionResult, AttentionVariant
+from workbench.cache.kvcache import ForwardPass, KVCache
+from workbench.cache.storage import slack
 
-def filled_cache(model, policy, keys: torch.Tensor, values: torch.Tensor | None = None):
-    """A cache of `policy` whose layer 0 holds `keys` (kv_heads, n, head_dim), as after the prompt's update."""
-    cache = policy.build(model)
-    cache.bridged = True  # as inside workbench.generate: the policy may evict
+
+def fill(cache: KVCache, layer: int, keys: torch.Tensor, values: torch.Tensor | None = None,
+         phase: str | None = None, token_ids: list[int] | None = None) -> None:
+    """Give `layer` the keys (kv_heads, n, head_dim) (and values) of a pass. The first fill of a layer joins the
+    pass under way; filling a layer again ends it and starts the next one (`phase`: default prefill for the first
+    pass, decode after)."""
+    cache.record_events = True  # so drain_events() tells what went
+    filled = cache.state.setdefault("_testing_filled", set())
+    if cache.current is not None and layer in filled:
+        cache.end_pass()
+    if cache.current is None:
+        filled.clear()
+        ids = None if token_ids is None else torch.tensor(token_ids)
+        cache.begin_pass(ForwardPass(phase or ("prefill" if cache.position == 0 else "decode"), cache.position,
+                                     keys.shape[1], ids))
+    filled.add(layer)
     values = torch.randn_like(keys) if values is None else values
-    cache.update(keys[None], values[None], 0)
-    return cache
+    cache.update(keys[None], values[None], layer)
+
+
+def call_for(cache: KVCache, layer: int, query: torch.Tensor):
+    """The AttentionCall the bridge builds for `query` (heads, q, head_dim) at `layer` in the pass under way, with
+    the cache's slot mask (per KV head) in `mask`."""
+    from workbench.attention.base import AttentionCall
+
+    keys, values = cache.layers[layer].store.view()
+    forward = cache.current
+    start = forward.start + forward.count - query.shape[1]
+    call = AttentionCall(layer, query[None], keys, values, None, keys.shape[-1] ** -0.5,
+                         fake_module(layer, groups=query.shape[0] // keys.shape[1]), phase=forward.phase,
+                         start=start)
+    call.mask = cache.attention_mask(call, None)
+    return call
+
+
+def attend(cache: KVCache, layer: int, query: torch.Tensor, result: AttentionResult | None = None) -> list[list[int]]:
+    """Run `layer`'s attention step of the pass under way for `query` (heads, q, head_dim) over what it holds, as
+    the bridge does (dense reference attention, or `result` handed to the policy as it is); returns the positions
+    each KV head keeps afterwards."""
+    from workbench.run.bridge import Binding  # the run's own per-layer step (imported late: run imports cache)
+
+    keys, values = cache.layers[layer].store.view()
+    module = fake_module(layer, groups=query.shape[0] // keys.shape[1])
+    variant = _Reference() if result is None else _Given(result)
+    Binding(variant, None, cache).attend(module, query[None], keys, values, None, keys.shape[-1] ** -0.5, {},
+                                         cache.current)
+    return [p.tolist() for p in cache.positions(layer)]
+
+
+def assert_bytes_are_real(model, trace) -> None:
+    """A trace's cache_bytes is what the key/value buffers occupy: at least every held token, at most each layer's
+    longest head plus the slack a buffer keeps (so a cache that holds fewer tokens really holds fewer bytes); and
+    the eviction log agrees with the token counts. `trace`: one sequence (run.steps)."""
+    from workbench.trace import cache_alive
+
+    held = trace["cache_tokens"].values  # (step, layer, kv_head)
+    text = model.text_config
+    per_slot = 2 * text.num_key_value_heads * text.head_dim * model.dtype.itemsize  # K and V of every KV head
+    longest = held.max(axis=2)  # (step, layer)
+    spare = torch.tensor(longest).apply_(slack).numpy()
+    low, high = (longest * per_slot).sum(1), ((longest + 2 * spare + 1) * per_slot).sum(1)
+    cache_bytes = trace["cache_bytes"].values
+    assert ((cache_bytes >= low) & (cache_bytes <= high)).all(), (cache_bytes, low, high)
+    assert (cache_alive(trace).sum("position").values == held).all()
 
 
 def fake_module(layer: int = 0, groups: int = 1) -> SimpleNamespace:
-    """What an attention call's `module` must offer the hooks: its layer index and GQA group size."""
+    """What an attention call's `module` must offer: its layer index and GQA group size."""
     return SimpleNamespace(layer_idx=layer, num_key_value_groups=groups)
+
+
+class _Reference(AttentionVariant):
+    name = "reference"
+
+    def attend(self, call, want):
+        output, statistics = reference.dense_attention(call, want | {"key_mass"})
+        return AttentionResult(output, **statistics)
+
+
+class _Given(AttentionVariant):
+    name = "given"
+
+    def __init__(self, result: AttentionResult):
+        self.result = result
+
+    def attend(self, call, want):
+        return self.result

@@ -20,6 +20,5 @@ class TOVA(EvictionPolicy):
     sinks: int = param(0, "first tokens always kept", min=0)
     window: int = param(0, "most recent tokens always kept", min=0)
 
-    def score(self, state, head, call, result) -> torch.Tensor:
-        n = state.layer.held()[head]
-        return window_attention(call, last=1)[head, :n]
+    def score(self, layer, call, result) -> torch.Tensor:
+        return window_attention(call, last=1)

@@ -31,13 +31,6 @@ class Sample(Decoder):
         if self.top_p <= 0:
             raise ParameterError("decoder 'sample' parameter 'top_p' must be in (0, 1]")
 
-    def start(self, device: torch.device) -> None:
-        self._generator = torch.Generator(device=device)
-        if self.seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(self.seed)
-
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution `choose` samples from, after every filter (rows sum to 1)."""
         logits = logits.float() / self.temperature
@@ -55,8 +48,6 @@ class Sample(Decoder):
             logits = logits.masked_fill(probs < self.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "_generator"):
-            self.start(logits.device)
-        probs = self.probabilities(logits)
-        return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw one token per row from `probabilities` with the run's generator (`ctx.rng`)."""
+        return torch.multinomial(self.probabilities(logits), 1, generator=generator).squeeze(-1)

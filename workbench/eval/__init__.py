@@ -14,12 +14,11 @@ From a shell (the same, with a table printed):  python -m workbench.eval --polic
 from workbench.eval.harness import CacheConfig, evaluate, parse_caches
 from workbench.eval.multiturn import Conversation, converse, is_correct
 from workbench.eval.perplexity import PerplexityResult, perplexity
-from workbench.eval.prefill import PrefillRecord
+from workbench.eval.prefill import PrefillRecord, prefill
 from workbench.eval.report import table
-from workbench.eval.session import CacheSession
 from workbench.eval.tasks import (TASKS, MultiKey, MultiTurn, Needle, Passkey, Perplexity, RetrievalSample, Task,
                                   TextSample, render)
 
 __all__ = ["evaluate", "parse_caches", "CacheConfig", "converse", "Conversation", "is_correct", "perplexity",
-           "PerplexityResult", "PrefillRecord", "table", "CacheSession", "TASKS", "Task", "Passkey", "Needle", "MultiKey", "MultiTurn",
+           "PerplexityResult", "PrefillRecord", "prefill", "table", "TASKS", "Task", "Passkey", "Needle", "MultiKey", "MultiTurn",
            "Perplexity", "RetrievalSample", "TextSample", "render"]

@@ -234,7 +234,7 @@ def _run(model, config: CacheConfig, sample, max_new_tokens: int, chunk: int, at
 def _attrs(model, configs, tasks, seeds, failures, max_new_tokens, chunk, attention) -> dict[str, Any]:
     import transformers
 
-    import workbench
+    from workbench.version import __version__
 
     attention_name = attention if isinstance(attention, str) else attention.name
     return {
@@ -254,7 +254,7 @@ def _attrs(model, configs, tasks, seeds, failures, max_new_tokens, chunk, attent
                   "budget column (budget 0 means no configuration had one). peak_cache_bytes: the most the cache "
                   "held after any forward pass. Retrieval replies are greedy; a reply is correct when its first "
                   "number is the answer."),
-        "workbench_version": workbench.__version__,
+        "workbench_version": __version__,
         "torch_version": str(torch.__version__),
         "transformers_version": transformers.__version__,
     }

@@ -3,7 +3,7 @@
 Turn 1 prefills the whole first prompt (context + first question) in one forward pass, so a compressing cache
 compresses the context once, with the first question in view. Each later turn appends only the new tokens - the
 end of the previous reply and the next question, as the chat template renders them - to the same, already
-compressed cache. Replies are greedy and stop at an end-of-sequence token or after `max_new_tokens`.
+compressed cache, as an "append" pass (a prefill-only policy does not re-compress the first turn). Replies are greedy and stop at an end-of-sequence token or after `max_new_tokens`.
 A single-question sample is just a one-turn conversation.
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.eval.session import CacheSession
+from workbench.run import Session
+from workbench.eval.prefill import prefill
 from workbench.eval.tasks import RetrievalSample, encode, render
 
 
@@ -62,7 +63,8 @@ def converse(model, sample: RetrievalSample, cache: Any = "full", max_new_tokens
     inputs = prompt_ids(model, sample)
     prompt_tokens = len(inputs)
     limit = model.max_positions
-    with CacheSession(model, cache, attention) as session:
+    replayed = False
+    with Session(model, cache, attention) as session:
         for turn in range(len(sample.questions)):
             if turn > 0:
                 inputs, fed_text = _next_turn(tokenizer, sample, replies, reply_ids[-1], fed_text)
@@ -71,15 +73,18 @@ def converse(model, sample: RetrievalSample, cache: Any = "full", max_new_tokens
                                      f"of {limit} tokens; use a shorter length or fewer new tokens")
             generated: list[int] = []
             for step in range(max_new_tokens):
-                first = turn == 0 and step == 0
-                token = int(torch.argmax(session.prefill(inputs, record) if first else session.feed(inputs)))
+                if turn == 0 and step == 0:
+                    logits, replayed = prefill(session, inputs, record)
+                else:
+                    logits = session.feed(inputs, "append" if step == 0 else "decode")
+                token = int(torch.argmax(logits[-1]))
                 generated.append(token)
                 if token in stop:
                     break
                 inputs = [token]
             reply_ids.append(generated)
             replies.append(model.decode(generated, skip_special_tokens=True))
-        peak, replayed = session.peak_bytes, session.replayed
+        peak = session.peak_bytes
     stripped = [r.strip() for r in replies]
     return Conversation(stripped, [is_correct(r, a) for r, a in zip(stripped, sample.answers)], peak,
                         prompt_tokens, reply_ids, replayed)

@@ -1,9 +1,9 @@
 """Perplexity of a continuation given a context held in a (possibly compressing) cache.
 
 The context is prefilled in one forward pass (a compressing cache compresses it as it would a prompt); then the
-continuation is teacher-forced `chunk` tokens per forward pass (default 1: every token is a decoding step, so
-decode-time eviction - H2O, TOVA, StreamingLLM - acts between tokens exactly as it would while generating) and
--log p of each continuation token is summed. The first continuation token is predicted by the prefill's logits.
+continuation is teacher-forced `chunk` tokens per forward pass (default 1: every token is a decode pass, so
+decode-time eviction - H2O, TOVA, StreamingLLM - acts between tokens exactly as it would while generating; larger
+chunks are "append" passes) and -log p of each continuation token is summed. The first continuation token is predicted by the prefill's logits.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from workbench.errors import ParameterError
-from workbench.eval.session import CacheSession
+from workbench.eval.prefill import prefill
+from workbench.run import Session
 
 
 @dataclass
@@ -44,8 +45,8 @@ def perplexity(model, context_ids, continuation_ids, cache: Any = "full", chunk:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ParameterError(f"chunk must be an integer >= 1 (tokens per forward pass), got {chunk!r}")
     nll = 0.0
-    with CacheSession(model, cache, attention) as session:
-        logits = session.prefill(context_ids, record)[None]  # predicts continuation[0]
+    with Session(model, cache, attention) as session:
+        logits, replayed = prefill(session, context_ids, record)  # predicts continuation[0]
         scored = 0
         while True:
             targets = continuation_ids[scored:scored + logits.shape[0]]
@@ -57,6 +58,6 @@ def perplexity(model, context_ids, continuation_ids, cache: Any = "full", chunk:
                 break
             # feed the tokens just scored: their logits predict the next ones
             step = continuation_ids[scored - 1:scored - 1 + min(chunk, len(continuation_ids) - scored)]
-            logits = session.feed(step, all_logits=True)
-        peak, replayed = session.peak_bytes, session.replayed
+            logits = session.feed(step, "decode" if len(step) == 1 else "append", logits="all")
+        peak = session.peak_bytes
     return PerplexityResult(nll, len(continuation_ids), peak, replayed)

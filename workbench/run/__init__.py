@@ -1,6 +1,10 @@
-"""The generation loop that wires a model, components and the recorder together."""
+"""The run: the Session (the only place a forward pass happens), the bridge that binds components to its passes,
+and the generation loop driven by the decoder."""
 
+from workbench.run.bridge import use_attention
+from workbench.run.context import StepContext
 from workbench.run.generate import generate
 from workbench.run.result import Run, StepEvent
+from workbench.run.session import Session, build_cache, probe
 
-__all__ = ["generate", "Run", "StepEvent"]
+__all__ = ["generate", "Run", "StepEvent", "Session", "StepContext", "build_cache", "probe", "use_attention"]

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from workbench.attention import use_attention
 from workbench.models import Model
+from workbench.run.session import Session
 
 
 @dataclass
@@ -39,14 +38,11 @@ def dense_replay(model: Model, prompt_ids: torch.Tensor, generated: list[int],
     head, tail = ids[:, :-steps], ids[:, -steps:]  # the tail's queries chose the generated tokens
     gone = _evicted_before_each_step(evictions, model, steps, ids.shape[1])
     probe = _DroppedMassProbe(gone, model.num_heads // model.num_kv_heads) if gone is not None else None
-    cache = DynamicCache(config=model.hf.config)
-    with torch.inference_mode():
+    with Session(model, "full", "sdpa") as session:
         if head.shape[1]:
-            model.hf(input_ids=head, **{model.cache_keyword: cache}, use_cache=True, **model.keep_logits(1))
-        with use_attention(model.hf, "sdpa", observer=probe):
-            positions = torch.arange(head.shape[1], ids.shape[1], device=ids.device)[None]
-            logits = model.hf(input_ids=tail, **{model.cache_keyword: cache}, position_ids=positions, use_cache=True,
-                              **model.keep_logits(steps)).logits[0, -steps:]
+            session.feed(head, "prefill", logits="none")
+        session.binding.observer = probe  # only the tail's queries are measured
+        logits = session.feed(tail, "append" if head.shape[1] else "prefill", logits="all")
     dropped = None if probe is None else np.stack([probe.mass[layer] for layer in range(model.num_layers)], 1)
     return DenseReplay(torch.log_softmax(logits.float(), dim=-1), dropped)
 

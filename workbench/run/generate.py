@@ -1,7 +1,9 @@
-"""The generation loop: model + attention variant + cache policy + decoder + router + recorder.
+"""The generation loop: a session (model + attention variant + cache + router), a decoder driving the steps, and
+the recorder.
 
-It is deliberately plain: one forward pass over the prompt (prefill), then one pass per new token, each with
-explicit positions so caches that evict tokens still give every token its true RoPE position.
+It is deliberately plain: one prefill pass over the prompt, then one decoder step per iteration. The decoder's
+`step(ctx)` returns one or more tokens (see workbench.decode.base); the loop checks them against the session's
+positions, records the step, streams the text and stops at an end-of-sequence token or the length limit.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from workbench import attention as attention_family
 from workbench import cache as cache_family
 from workbench import decode as decode_family
 from workbench import routers as router_family
-from workbench.attention import use_attention
 from workbench.errors import ParameterError, PromptError, WorkbenchError
 from workbench.models import Model
 from workbench.models.model import Messages
+from workbench.run.context import StepContext
 from workbench.run.fidelity import dense_replay, kl_divergence
 from workbench.run.result import Run, StepEvent
+from workbench.run.session import Session, build_cache
+from workbench.run.text import IncrementalText
 from workbench.trace import Recorder, RecordSpec, build_dataset
+from workbench.version import __version__
 
 
 def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", cache: Any = "full",
@@ -35,9 +40,10 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
                   model's chat template
     attention, cache, decoder, router -- a registered name ("sdpa") or a built component
                   (workbench.cache.get("full")); see workbench.<family>.available()
-    record     -- what the trace keeps: any of "entropy", "attention", "logits", "cache", "fidelity" (nothing by
-                  default; nothing recorded costs nothing; "fidelity" compares with dense attention and a dense
-                  full-cache replay, which costs a dense recomputation per layer and one extra forward pass)
+    record     -- what the trace keeps: any of workbench.RECORDABLE ("entropy", "attention", "logits", "cache",
+                  "fidelity"; nothing by default, and nothing recorded costs nothing; "fidelity" compares with
+                  dense attention and a dense full-cache replay, which costs a dense recomputation per layer and
+                  one extra forward pass)
     stream     -- called with a StepEvent as soon as each token is chosen (live text and plots)
     progress   -- show a progress bar over the new tokens
     ignore_eos -- keep generating past end-of-sequence tokens (benchmarks that need a fixed length)
@@ -60,70 +66,97 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
     config["ignore_eos"] = ignore_eos
 
     generated: list[int] = []
-    step_seconds: list[float] = []
     peak_bytes, finish = 0, "empty"
     if max_new_tokens > 0:
         stop_ids = set() if ignore_eos else model.eos_token_ids
-        generated, step_seconds, peak_bytes, finish = _loop(model, prompt_ids, components, recorder,
-                                                            max_new_tokens, stop_ids, stream, progress)
+        generated, peak_bytes, finish = _loop(model, prompt_ids, components, recorder,
+                                                               max_new_tokens, stop_ids, stream, progress)
     if "fidelity" in spec.names and generated:
         replay = dense_replay(model, prompt_ids, generated, recorder.evictions)
-        recorder.kl_vs_dense = kl_divergence(replay.log_probs.cpu(), torch.stack(recorder.steps["log_probs"])).numpy()
-        recorder.cache_dropped_mass = replay.dropped_mass
+        recorder.along["kl_vs_dense"] = list(kl_divergence(replay.log_probs.cpu(),
+                                                           torch.stack(recorder.log_probs)).numpy())
+        dropped = replay.dropped_mass
+        if dropped is None:  # nothing evicted: the dense model's attention all fell on held positions
+            dropped = torch.zeros(len(generated), model.num_layers, model.num_heads).numpy()
+        recorder.along["cache_dropped_mass"] = list(dropped)
     prompt_list = prompt_ids[0].tolist()
+    if "cache_evicted_at" in recorder.enabled:
+        recorder.eviction_log(model.num_kv_heads, len(prompt_list) + len(generated))
     config.update(finish_reason=finish, prompt_tokens=len(prompt_list))
     trace = build_dataset(recorder, prompt_tokens=model.token_strings(prompt_list),
                           tokens=model.token_strings(generated), token_ids=generated,
                           num_kv_heads=model.num_kv_heads, vocab_size=model.text_config.vocab_size, attrs=config)
+    step_seconds = recorder.along.get("step_seconds", [])
     return Run(text=model.decode(generated), token_ids=generated, prompt_ids=prompt_list,
-               prefill_seconds=step_seconds[0] if step_seconds else 0.0, decode_seconds=step_seconds[1:],
+               prefill_seconds=step_seconds[0] if step_seconds else 0.0, decode_seconds=list(step_seconds[1:]),
                peak_cache_bytes=peak_bytes, finish_reason=finish, trace=trace, config=config)
 
 
 def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, stream, progress):
-    hf, device = model.hf, model.device
-    keep_last = model.keep_logits(1)
-    kv = components["cache"].build(model)
     decoder = components["decoder"]
-    decoder.start(device)
+    kv = build_cache(model, components["cache"])
+    kv.record_events = recorder.wants_cache_events
     observer = recorder if recorder.observes_attention else None
+    rng = _generator(decoder, model.device)
     bar = _progress_bar(max_new_tokens) if progress else None
-    generated, step_seconds, peak_bytes, finish = [], [], 0, "length"
-    shown = ""
-    inputs, position = prompt_ids, 0
-    with torch.inference_mode(), use_attention(hf, components["attention"], observer, kv), \
-            components["router"].attached(model):
-        for step in range(max_new_tokens):
-            started = time.perf_counter()
-            positions = torch.arange(position, position + inputs.shape[1], device=device)[None]
-            kv.see_tokens(inputs)
-            logits = hf(input_ids=inputs, **{model.cache_keyword: kv}, position_ids=positions, use_cache=True,
-                        **keep_last).logits[0, -1].float()
-            token = decoder.choose(logits[None])[0]
-            token_id = int(token)  # waits for the device: the step's time is complete here
-            seconds = time.perf_counter() - started
-            records = recorder.end_step(logits, kv, seconds, prefill=step == 0)
-            peak_bytes = max(peak_bytes, kv.nbytes())
-            generated.append(token_id)
-            step_seconds.append(seconds)
-            position += inputs.shape[1]
-            inputs = token.view(1, 1)
-            finished = token_id in stop_ids or step == max_new_tokens - 1
-            if token_id in stop_ids:
-                finish = "eos"
-            if bar is not None:
-                bar.update(1)
-            if stream is not None:
-                text = model.decode(generated)
-                # hold back a partial multi-byte character until the token that completes it
-                piece = "" if text.endswith("\ufffd") and not finished else text[len(shown):]
-                shown += piece
-                stream(StepEvent(step, token_id, model.token_strings([token_id])[0], piece, records, finished))
-            if finished:
+    text = IncrementalText(model.decode)
+    generated, finish = [], "length"
+    with Session(model, kv, components["attention"], observer=observer, router=components["router"]) as session:
+        session.listeners.append(recorder.end_forward)
+        started = time.perf_counter()  # step 0's time includes the prefill
+        logits = session.feed(prompt_ids, "prefill")[-1]
+        pending: list[int] = []
+        while len(generated) < max_new_tokens:
+            ctx = StepContext(session, rng, pending, logits, recorder)
+            tokens = decoder.step(ctx)
+            first_logits = ctx.logits  # what chose the step's first token
+            _check_step(decoder, session, tokens, len(prompt_ids[0]) + len(generated))
+            seconds = time.perf_counter() - started  # int(...) in the decoder waited for the device
+            records = recorder.end_step(first_logits, ctx.entropy if "entropy" in recorder.spec.names else None,
+                                        kv, seconds)
+            for token_id in tokens[:max_new_tokens - len(generated)]:
+                generated.append(token_id)
+                finished = token_id in stop_ids or len(generated) == max_new_tokens
+                if token_id in stop_ids:
+                    finish = "eos"
+                if bar is not None:
+                    bar.update(1)
+                if stream is not None:
+                    piece = text.add(token_id, final=finished)
+                    stream(StepEvent(len(generated) - 1, token_id, model.token_strings([token_id])[0], piece,
+                                     records, finished))
+                if finished:
+                    break
+            if finish == "eos":
                 break
+            pending, logits = [generated[-1]], None
+            started = time.perf_counter()
     if bar is not None:
         bar.close()
-    return generated, step_seconds, peak_bytes, finish
+    return generated, session.peak_bytes, finish
+
+
+def _check_step(decoder, session, tokens, before: int) -> None:
+    """A step returns its tokens with all but the last fed: the session must be exactly there."""
+    if not tokens or not all(isinstance(t, int) for t in tokens):
+        raise WorkbenchError(f"decoder '{decoder.name}' step returned {tokens!r}; it must return a non-empty list "
+                             "of token ids (ints)")
+    if session.position != before + len(tokens) - 1 or session.committed != session.position:
+        raise WorkbenchError(f"decoder '{decoder.name}' left the session at position {session.position} "
+                             f"({session.position - session.committed} provisional) after returning "
+                             f"{len(tokens)} tokens at position {before}: all but the last token must be fed and "
+                             "committed")
+
+
+def _generator(decoder, device) -> torch.Generator:
+    """The run's random generator, seeded by the decoder's `seed` parameter when it has one."""
+    generator = torch.Generator(device=device)
+    seed = getattr(decoder, "seed", None)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
 
 
 def _encode(model: Model, prompt, max_new_tokens: int) -> torch.Tensor:
@@ -147,15 +180,13 @@ def _encode(model: Model, prompt, max_new_tokens: int) -> torch.Tensor:
 def _config(model: Model, prompt, components, spec: RecordSpec, max_new_tokens: int) -> dict[str, Any]:
     import transformers
 
-    import workbench
-
     config: dict[str, Any] = {"model": model.name, "prompt": prompt, "max_new_tokens": max_new_tokens,
                               "record": sorted(spec.names)}
     for family, component in components.items():
         config[family] = component.name
         config[f"{family}_params"] = component.params()
     config.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
-                  workbench_version=workbench.__version__, torch_version=torch.__version__,
+                  workbench_version=__version__, torch_version=torch.__version__,
                   transformers_version=transformers.__version__)
     return config
 

@@ -53,7 +53,12 @@ class Run:
 
     @property
     def tokens(self) -> list[str]:
-        return [str(t) for t in self.trace["token"].values]
+        return [str(t) for t in self.trace["token"].values.reshape(-1)]
+
+    @property
+    def steps(self):
+        """The trace of this run's one sequence, without the `sequence` dimension (handy for plain arrays)."""
+        return self.trace.isel(sequence=0)
 
     def save(self, path: str | Path) -> Path:
         """Write the trace (with the run's configuration in its attributes) to a netCDF file."""
@@ -72,14 +77,15 @@ class Run:
             "peak_cache_bytes": self.peak_cache_bytes,
             "config": self.config,
         }
-        if "entropy" in self.trace and self.trace.sizes["step"]:
-            entropy = self.trace["entropy"].values
-            attention = self.trace["attention_entropy"].mean(("step", "head")).values
+        trace = self.steps
+        if "entropy" in trace and trace.sizes["step"]:
+            entropy = trace["entropy"].values
+            attention = trace["attention_entropy"].mean(("step", "head")).values
             out["entropy"] = {"mean": float(entropy.mean()), "max": float(entropy.max()),
                               "argmax_step": int(entropy.argmax()),
                               "attention_mean_by_layer": [round(float(v), 4) for v in attention]}
-        if "kl_vs_dense" in self.trace and self.trace.sizes["step"]:
-            out["fidelity"] = fidelity_summary(self.trace)
+        if "kl_vs_dense" in trace and trace.sizes["step"]:
+            out["fidelity"] = fidelity_summary(trace)
         return out
 
     def __repr__(self) -> str:
@@ -89,10 +95,11 @@ class Run:
 
 
 def entropy_summary_line(run: Run) -> str:
-    if "entropy" not in run.trace or not run.trace.sizes["step"]:
+    trace = run.steps
+    if "entropy" not in trace or not trace.sizes["step"]:
         return "entropy: not recorded (record=['entropy'])"
-    entropy = run.trace["entropy"].values
-    layer_means = run.trace["attention_entropy"].mean(("step", "head")).values
+    entropy = trace["entropy"].values
+    layer_means = trace["attention_entropy"].mean(("step", "head")).values
     return (f"next-token entropy: mean {entropy.mean():.3f} nats, max {entropy.max():.3f} at step "
             f"{int(np.argmax(entropy))} ({run.tokens[int(np.argmax(entropy))]!r}); attention entropy by layer: "
             f"lowest layer {int(layer_means.argmin())} ({layer_means.min():.2f}), "
@@ -101,6 +108,8 @@ def entropy_summary_line(run: Run) -> str:
 
 def fidelity_summary(trace: xr.Dataset) -> dict[str, float]:
     """Mean/min attention recall, mean output error and mean/max KL against the dense run."""
+    if "sequence" in trace.dims:
+        trace = trace.isel(sequence=0)
     recall = trace["attention_recall"].values
     finite = recall[np.isfinite(recall)]
     kl = trace["kl_vs_dense"].values
@@ -114,7 +123,7 @@ def fidelity_summary(trace: xr.Dataset) -> dict[str, float]:
 def fidelity_summary_line(run: Run) -> str:
     if "kl_vs_dense" not in run.trace or not run.trace.sizes["step"]:
         return "fidelity: not recorded (record=['fidelity'])"
-    f = fidelity_summary(run.trace)
+    f = fidelity_summary(run.steps)
     return (f"fidelity vs dense: attention recall mean {f['recall_mean']:.3f} (min {f['recall_min']:.3f}), "
             f"output error {f['output_error_mean']:.3f}, KL mean {f['kl_mean']:.4f} / max {f['kl_max']:.4f} nats, "
             f"dense attention on evicted positions {f['cache_dropped_mass_mean']:.3f}")

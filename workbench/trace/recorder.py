@@ -1,28 +1,38 @@
 """The recorder: what components write to during a run, keeping only what `record=` asked for.
 
-It is the attention observer of the run (see workbench.attention.bridge) and receives the logits and the cache
-after every forward pass. With nothing recorded it asks attention for nothing, so the run computes nothing extra.
+It is the attention observer of the run's session (see workbench.run.bridge), hears about every forward pass (a
+session listener), and is handed each step's logits, entropy and cache. Values are stored under the names the
+trace schema declares (workbench.trace.schema), along the variable's axis; `build_dataset` turns them into the
+Dataset. With nothing recorded it asks attention for nothing, so the run computes nothing extra.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from workbench.errors import ParameterError
-from workbench.kernels import softmax_entropy
+from workbench.trace import schema
 
-RECORDABLE = {
-    "entropy": "next-token entropy per step; attention entropy per step, layer and head (and for the prompt rows)",
-    "attention": "attention rows over positions per step for chosen layers and heads, and the prompt's matrix",
-    "logits": "the full next-token logits at every step",
-    "cache": "bytes the KV cache holds, tokens held per layer and KV head, and which positions were evicted when",
-    "fidelity": "against dense attention and a dense full-cache run: attention recall and output error per step, "
-                "layer and head, and the KL divergence of each step's next-token distribution",
-}
+
+class _Recordable(Mapping):
+    """The record= options and what each turns on (a live view of the schema's options)."""
+
+    def __getitem__(self, name):
+        return schema.OPTIONS[name].description
+
+    def __iter__(self):
+        return iter(schema.OPTIONS)
+
+    def __len__(self):
+        return len(schema.OPTIONS)
+
+
+RECORDABLE = _Recordable()
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,7 @@ class RecordSpec:
             names = list(options)
         else:
             names = list(record)
-        unknown = [n for n in names if n not in RECORDABLE]
-        if unknown:
-            raise ParameterError(f"cannot record {', '.join(map(repr, unknown))}; recordable: "
-                                 f"{', '.join(RECORDABLE)}")
+        schema.check_options(names)
         attention = options.get("attention")
         layers = heads = None
         if isinstance(attention, Mapping):
@@ -90,7 +97,7 @@ def by_position(probs: torch.Tensor, slot_positions: torch.Tensor | None, heads,
 
 
 class Recorder:
-    """Collects one run's records step by step, as numpy arrays on the CPU."""
+    """Collects one run's records, as numpy arrays on the CPU, under the schema's variable names."""
 
     def __init__(self, spec: RecordSpec, num_layers: int, num_heads: int):
         spec.check(num_layers, num_heads)
@@ -98,33 +105,37 @@ class Recorder:
         self.num_layers, self.num_heads = num_layers, num_heads
         self.attention_layers = spec.attention_layers or tuple(range(num_layers))
         self.attention_heads = spec.attention_heads or tuple(range(num_heads))
-        self._wants: dict[int, frozenset[str]] = {}
-        for layer in range(num_layers):
-            want = set()
-            if "entropy" in spec.names:
-                want.add("entropy")
-            if "attention" in spec.names and layer in self.attention_layers:
-                want.add("probs")
-            if "fidelity" in spec.names:
-                want.add("fidelity")
-            self._wants[layer] = frozenset(want)
+        names = spec.names
+        self._wants = {layer: frozenset(
+            ({"entropy"} if "entropy" in names else set())
+            | ({"probs"} if "attention" in names and layer in self.attention_layers else set())
+            | ({"fidelity"} if "fidelity" in names else set())) for layer in range(num_layers)}
         self.observes_attention = any(self._wants.values())
-        self._entropy: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (heads, queries)
-        self._probs: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (chosen heads, queries, keys)
-        self._recall: dict[int, torch.Tensor] = {}  # this forward pass: layer -> (heads, queries)
-        self._output_error: dict[int, torch.Tensor] = {}
-        self.steps: dict[str, list] = {name: [] for name in
-                                       ("step_seconds", "entropy", "attention_entropy", "attention", "logits",
-                                        "cache_bytes", "cache_tokens", "attention_recall",
-                                        "attention_output_error", "log_probs")}
-        # filled after the run by the dense replay (workbench.run.fidelity):
-        self.kl_vs_dense: np.ndarray | None = None  # (steps,)
-        self.cache_dropped_mass: np.ndarray | None = None  # (steps, layers, heads)
+        self.wants_cache_events = bool(names & {"cache", "fidelity"})  # fidelity measures attention on evictions
+        self.enabled = {v.name for v in schema.variables(names)}
+        self.along: dict[str, list] = {}  # step- and forward-axis variables: one entry per step / forward
+        self.whole: dict[str, np.ndarray] = {}  # variables set once per run
+        self.steps = 0
+        self.forwards = 0
+        self.forward_of_step: list[int] = []
+        self.log_probs: list[torch.Tensor] = []  # per step, for the fidelity replay's KL
         # (step, layer, kv_head, evicted positions, positions they were merged into or None)
         self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
-        self.prompt_attention_entropy: np.ndarray | None = None  # (layers, heads, prompt queries)
-        self.prompt_attention: np.ndarray | None = None  # (chosen layers, chosen heads, prompt queries, keys)
-        self.prompt_attention_recall: np.ndarray | None = None  # (layers, heads, prompt queries)
+        self._layer: dict[str, dict[int, torch.Tensor]] = {"entropy": {}, "probs": {}, "recall": {}, "error": {}}
+        self._latest: dict[str, np.ndarray] = {}  # the latest forward pass's rows, per statistic
+
+    # -- writing variables ----------------------------------------------------------------------------------
+    def record(self, name: str, value) -> None:
+        """Append this step's (or forward pass's) value of a declared variable; ignored when not recorded."""
+        variable = schema.VARIABLES.get(name)
+        if variable is None:
+            raise ParameterError(f"no trace variable {name!r} is declared (workbench.trace.schema.declare)")
+        if name not in self.enabled:
+            return
+        if variable.axis is None:
+            self.whole[name] = np.asarray(value)
+        else:
+            self.along.setdefault(name, []).append(value)
 
     # -- the attention observer protocol -------------------------------------------------------------------
     def wants(self, layer: int) -> frozenset[str]:
@@ -136,69 +147,95 @@ class Recorder:
 
     def observe(self, call, result) -> None:
         if result.entropy is not None:
-            self._entropy[call.layer] = result.entropy[0].float()
+            self._layer["entropy"][call.layer] = result.entropy[0].float()
         if result.probs is not None:
             probs = result.probs[0]
             if probs.shape[0] != len(self.attention_heads):  # the variant computed every head's rows
                 probs = probs[list(self.attention_heads)]
-            self._probs[call.layer] = by_position(probs.float(), call.slot_positions, self.attention_heads,
-                                                  call.groups)
+            self._layer["probs"][call.layer] = by_position(probs.float(), call.slot_positions, self.attention_heads,
+                                                           call.groups)
 
     def observe_fidelity(self, call, recall: torch.Tensor, output_error: torch.Tensor) -> None:
-        self._recall[call.layer] = recall[0].float()
-        self._output_error[call.layer] = output_error[0].float()
+        self._layer["recall"][call.layer] = recall[0].float()
+        self._layer["error"][call.layer] = output_error[0].float()
 
-    # -- after every forward pass --------------------------------------------------------------------------
-    def end_step(self, logits: torch.Tensor, cache, seconds: float, prefill: bool) -> dict[str, Any]:
-        """Store this step's records and return them (for the stream callback). `logits` is (vocab,) float32;
-        `prefill` marks the forward pass over the prompt, whose every query row is kept as well."""
-        records: dict[str, Any] = {"seconds": seconds}
-        self.steps["step_seconds"].append(seconds)
-        names = self.spec.names
-        if "entropy" in names:
-            _, entropy = softmax_entropy(logits)
-            records["entropy"] = float(entropy)
-            self.steps["entropy"].append(records["entropy"])
-            rows = torch.stack([self._entropy[layer] for layer in range(self.num_layers)]).cpu().numpy()
-            if prefill:  # the prefill: every prompt query's row; the last one chose the first token
-                self.prompt_attention_entropy = rows
-            records["attention_entropy"] = rows[:, :, -1]
-            self.steps["attention_entropy"].append(records["attention_entropy"])
-        if "attention" in names:
-            per_layer = [self._probs[layer] for layer in self.attention_layers]
+    # -- after every forward pass (a session listener) -----------------------------------------------------
+    def end_forward(self, forward, seconds: float) -> None:
+        self.record("forward_seconds", seconds)
+        self.record("forward_phase", forward.phase)
+        self.record("forward_start", forward.start)
+        self.record("forward_tokens", forward.count)
+        self.forwards += 1
+        layers, latest = self._layer, {}
+        if layers["entropy"]:
+            latest["entropy"] = torch.stack([layers["entropy"][i] for i in range(self.num_layers)]).cpu().numpy()
+        if layers["probs"]:
+            per_layer = [layers["probs"][i] for i in self.attention_layers]
             width = max(p.shape[-1] for p in per_layer)  # layers may hold different key counts
-            rows = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in per_layer])
-            rows = rows.cpu().numpy()
-            if prefill:
-                self.prompt_attention = rows
-            records["attention"] = rows[:, :, -1, :]
-            self.steps["attention"].append(records["attention"])
-        if "logits" in names:
+            latest["probs"] = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+                                           for p in per_layer]).cpu().numpy()
+        if layers["recall"]:
+            latest["recall"] = torch.stack([layers["recall"][i] for i in range(self.num_layers)]).cpu().numpy()
+            latest["error"] = torch.stack([layers["error"][i] for i in range(self.num_layers)]).cpu().numpy()
+        if forward.phase == "prefill":  # every prompt query's row is kept too
+            if "entropy" in latest:
+                self.record("prompt_attention_entropy", latest["entropy"])
+            if "probs" in latest:
+                self.record("prompt_attention", latest["probs"])
+            if "recall" in latest:
+                self.record("prompt_attention_recall", latest["recall"])
+        self._latest = latest
+        for per_layer in layers.values():
+            per_layer.clear()
+
+    # -- after every step -------------------------------------------------------------------------------------
+    def end_step(self, logits: torch.Tensor, entropy, cache, seconds: float) -> dict[str, Any]:
+        """Store this step's records and return them (for the stream callback). `logits` (vocab,) float32 chose
+        the step's first token, from the last row of the latest forward pass; `entropy` is its entropy (a 0-d
+        tensor computed once for the step, or None)."""
+        records: dict[str, Any] = {"seconds": seconds}
+        self.record("step_seconds", seconds)
+        self.forward_of_step.append(self.forwards - 1)
+        latest = self._latest
+        if entropy is not None and "entropy" in self.enabled:
+            records["entropy"] = float(entropy)
+            self.record("entropy", records["entropy"])
+        if "entropy" in latest:
+            records["attention_entropy"] = latest["entropy"][:, :, -1]
+            self.record("attention_entropy", records["attention_entropy"])
+        if "probs" in latest:
+            records["attention"] = latest["probs"][:, :, -1, :]
+            self.record("attention", records["attention"])
+        if "logits" in self.enabled:
             records["logits"] = logits.cpu().numpy()
-            self.steps["logits"].append(records["logits"])
-        if "fidelity" in names:
-            recall = torch.stack([self._recall[layer] for layer in range(self.num_layers)]).cpu().numpy()
-            error = torch.stack([self._output_error[layer] for layer in range(self.num_layers)]).cpu().numpy()
-            if prefill:
-                self.prompt_attention_recall = recall
-            # a step's value is the mean over its query rows (all prompt rows at the prefill)
-            records["attention_recall"] = recall.mean(-1)
-            records["attention_output_error"] = error.mean(-1)
-            self.steps["attention_recall"].append(records["attention_recall"])
-            self.steps["attention_output_error"].append(records["attention_output_error"])
-            self.steps["log_probs"].append(torch.log_softmax(logits.float(), -1).cpu())
-        events = cache.drain_events()  # drained every step so they never pile up
-        if names & {"cache", "fidelity"}:  # fidelity measures the dense attention on what was evicted
-            step = len(self.steps["step_seconds"]) - 1
-            self.evictions += [(step, layer, head, positions.cpu().numpy(),
+            self.record("logits", records["logits"])
+        if "recall" in latest:  # a step's value is the mean over its pass's query rows (all prompt rows at first)
+            records["attention_recall"] = latest["recall"].mean(-1)
+            records["attention_output_error"] = latest["error"].mean(-1)
+            self.record("attention_recall", records["attention_recall"])
+            self.record("attention_output_error", records["attention_output_error"])
+            self.log_probs.append(torch.log_softmax(logits.float(), -1).cpu())
+        if self.wants_cache_events and cache is not None:
+            events = cache.drain_events()
+            self.evictions += [(self.steps, layer, head, positions.cpu().numpy(),
                                 None if merged is None else merged.cpu().numpy())
                                for layer, head, positions, merged in events]
-        if "cache" in names:
             records["cache_evicted"] = sum(len(positions) for _, _, positions, _ in events)
+        if "cache_bytes" in self.enabled and cache is not None:
             records["cache_bytes"] = cache.nbytes()
             records["cache_tokens"] = cache.tokens_held().numpy()
-            self.steps["cache_bytes"].append(records["cache_bytes"])
-            self.steps["cache_tokens"].append(records["cache_tokens"])
-        for per_layer in (self._entropy, self._probs, self._recall, self._output_error):
-            per_layer.clear()
+            self.record("cache_bytes", records["cache_bytes"])
+            self.record("cache_tokens", records["cache_tokens"])
+        self.steps += 1
         return records
+
+    def eviction_log(self, num_kv_heads: int, n_positions: int) -> None:
+        """Turn the eviction events into the run-level `cache_evicted_at` / `cache_merged_into` arrays."""
+        evicted_at = np.full((self.num_layers, num_kv_heads, n_positions), -1, dtype=np.int32)
+        merged_into = np.full_like(evicted_at, -1)
+        for step, layer, head, positions, merged in self.evictions:
+            evicted_at[layer, head, positions] = step
+            if merged is not None:
+                merged_into[layer, head, positions] = merged
+        self.record("cache_evicted_at", evicted_at)
+        self.record("cache_merged_into", merged_into)

@@ -9,26 +9,26 @@ import numpy as np
 import xarray as xr
 
 from workbench.errors import ParameterError, WorkbenchError
-
-# which `record=` name produces each trace variable, for the error that says how to get it
-RECORDED_BY = {
-    "entropy": "entropy", "attention_entropy": "entropy", "prompt_attention_entropy": "entropy",
-    "attention": "attention", "prompt_attention": "attention", "logits": "logits",
-    "cache_bytes": "cache", "cache_tokens": "cache", "cache_evicted_at": "cache", "cache_merged_into": "cache",
-    "attention_recall": "fidelity", "attention_output_error": "fidelity", "kl_vs_dense": "fidelity",
-    "cache_dropped_mass": "fidelity",
-}
+from workbench.trace import schema
 
 
 def as_trace(run_or_trace: Any, taker: str = "plots take") -> xr.Dataset:
-    """The trace of a Run, or the Dataset itself (e.g. one read back with wb.load_trace); `taker` begins the error
-    message for anything else."""
-    if isinstance(run_or_trace, xr.Dataset):
-        return run_or_trace
-    trace = getattr(run_or_trace, "trace", None)
-    if isinstance(trace, xr.Dataset):
+    """The trace of a Run, or the Dataset itself (e.g. one read back with wb.load_trace), with its one sequence
+    selected (plots show one sequence); `taker` begins the error message for anything else."""
+    trace = run_or_trace if isinstance(run_or_trace, xr.Dataset) else getattr(run_or_trace, "trace", None)
+    if not isinstance(trace, xr.Dataset):
+        raise WorkbenchError(f"{taker} a Run or its trace (an xarray.Dataset), got {type(run_or_trace).__name__}")
+    return one_sequence(trace)
+
+
+def one_sequence(trace: xr.Dataset, sequence: int = 0) -> xr.Dataset:
+    """The trace of one sequence, without the `sequence` dimension."""
+    if "sequence" not in trace.dims:
         return trace
-    raise WorkbenchError(f"{taker} a Run or its trace (an xarray.Dataset), got {type(run_or_trace).__name__}")
+    if trace.sizes["sequence"] > 1 and sequence == 0:
+        raise WorkbenchError(f"the trace holds {trace.sizes['sequence']} sequences; plots show one: pass "
+                             "trace.isel(sequence=i)")
+    return trace.isel(sequence=sequence)
 
 
 def require(trace: xr.Dataset, *names: str, purpose: str) -> None:
@@ -36,7 +36,7 @@ def require(trace: xr.Dataset, *names: str, purpose: str) -> None:
     missing = [name for name in names if name not in trace]
     if not missing:
         return
-    records = sorted({RECORDED_BY.get(name, name) for name in missing})
+    records = sorted({schema.recorded_by(name) or name for name in missing})
     how = " and ".join(repr(r) for r in records)
     raise WorkbenchError(f"the trace has no {', '.join(missing)}: record {how} when generating to plot {purpose} "
                          f"(e.g. wb.generate(..., record=[{', '.join(map(repr, records))}]))")

@@ -48,7 +48,7 @@ class Workbench:
                  max_new_tokens: int = 48, record=("entropy", "cache"), attention: str = "sdpa",
                  cache: str = "full", decoder: str = "greedy", router: str = "native", ignore_eos: bool = False,
                  interval: float = 0.2):
-        from workbench import FAMILIES
+        from workbench.families import FAMILIES
 
         if not isinstance(model, Model):
             raise WorkbenchError(f"Workbench needs a workbench Model (workbench.load(), workbench.tiny()), got "

@@ -1,0 +1,419 @@
+"""`KVCache`: a transformers `Cache` = one store per layer x one policy, transactional.
+
+Every forward pass is announced with `begin_pass(ForwardPass(phase, start, count, token_ids))` (the session does
+it, and workbench's hook does it under `model.generate`): the phase and the positions travel with the pass, so no
+layer counts tokens or guesses a phase from how many queries there are. The layers append to their stores; the
+attention bridge asks the cache for the slot mask of each call and hands it the attention afterwards, and the
+policy observes and evicts (see workbench.cache.base.CachePolicy).
+
+Transactions. A verify or rollout pass is provisional: its tokens are an uncommitted tail that is never freed.
+Its query rows are observed one at a time on tentative state (the bridge runs such a pass row by row when the
+policy acts while decoding), and what a policy would evict is only hidden from the later rows, so each row sees
+what it would have seen had the tokens come one by one. Each row's tentative state is kept, so
+  commit(position)   keeps the tail before `position`, adopts the state after its last row, frees what that state
+                     hid (policies that merge entries, which cannot be tentative, observe the accepted rows and
+                     evict once here), and drops the rest of the tail;
+  rollback(position) restores the stores, positions and policy statistics exactly as they were when the run was
+                     at `position` (any position of the open tail, or the last committed one).
+A prefill, decode or append pass while a tail is open is refused: commit or roll back first.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from workbench.attention.base import PHASES, PROVISIONAL
+from workbench.cache.storage import DenseStore
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class ForwardPass:
+    """One forward pass as the cache sees it: what phase, which positions, which tokens."""
+
+    phase: str
+    start: int  # position of the first token
+    count: int  # tokens in the pass
+    token_ids: torch.Tensor | None = None  # (count,) long, for policies that read the text (sentence_kv)
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise WorkbenchError(f"unknown phase {self.phase!r}; phases: {', '.join(PHASES)}")
+
+    @property
+    def provisional(self) -> bool:
+        return self.phase in PROVISIONAL
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+@dataclass
+class _Row:
+    """A provisional query row's tentative state, kept so that commit can adopt it."""
+
+    position: int
+    snapshot: dict
+    call: Any = None
+    result: Any = None
+
+
+@dataclass
+class _Tail:
+    """The open provisional tail of one layer: the state before it and after each row observed."""
+
+    before: dict
+    rows: list[_Row] = field(default_factory=list)
+
+    def state_at(self, position: int) -> dict:
+        """The state once every row before `position` was observed."""
+        done = [row for row in self.rows if row.position < position]
+        return done[-1].snapshot if done else self.before
+
+
+class CacheLayer(CacheLayerMixin):
+    """A transformers cache layer over a store; what a policy reads and changes of one layer.
+
+    Policies read `held`, `positions()`, `valid(call)`, `held_keys()`, `held_values()` and their statistics (`extra`), keep
+    per-layer values in `state` (replace values, never mutate them in place: they are snapshotted shallowly), and
+    change the cache only through `keep` and `merge`."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, cache: KVCache, index: int, store: DenseStore):
+        super().__init__()
+        self.cache, self.index, self.store = cache, index, store
+        self.next_position = 0  # positions handed to this layer so far
+        self.state: dict[str, Any] = {"decode_steps": 0}
+        self.hidden_count: list[int] = []  # per head: slots hidden by a tentative eviction (open tail only)
+        self.tail: _Tail | None = None
+        self.events: list[tuple] = []  # (valid-before mask, positions, alive mask, merged_into) per compaction
+
+    # -- transformers' cache layer interface ------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise WorkbenchError(f"workbench caches hold one sequence; got a batch of {key_states.shape[0]}")
+        start = self.cache.pass_start(self, key_states.shape[-2])
+        if self.cache.current is not None and self.cache.current.provisional and self.tail is None:
+            self.tail = _Tail(self.snapshot())  # what rollback restores
+        self.store.append(key_states[0], value_states[0], start)
+        if not self.hidden_count:
+            self.hidden_count = [0] * self.store.num_heads
+        self.next_position = start + key_states.shape[-2]
+        self.is_initialized = True
+        return self.store.view()
+
+    def get_seq_length(self) -> int:
+        return self.next_position  # transformers derives the next positions and the mask sizes from this
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.next_position + query_length, 0  # masks are built over positions, gathered at slots later
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' crop (assisted generation): a negative count drops that many newest tokens, a positive
+        one is the length to keep; both are a rollback here."""
+        self.cache.rollback(self.next_position + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
+
+    def reset(self) -> None:
+        raise WorkbenchError("a workbench cache is not reused across runs: build a fresh one with policy.build(model)")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise WorkbenchError("workbench caches hold one sequence: beam search over them is not supported")
+
+    # -- what policies read -------------------------------------------------------------------------------------
+    @property
+    def held(self) -> list[int]:
+        """Tokens each KV head holds (hidden ones excluded), known on the host."""
+        return [n - h for n, h in zip(self.store.lengths, self.hidden_count)] or [0] * self.cache.num_kv_heads
+
+    @property
+    def num_heads(self) -> int:
+        return self.store.num_heads
+
+    def positions(self) -> torch.Tensor:
+        """Long (kv_heads, slots): the position in each slot, -1 for padding."""
+        return self.store.all_positions()
+
+    def hidden(self) -> torch.Tensor | None:
+        """Bool (kv_heads, slots): slots a tentative eviction hid (None when nothing is hidden)."""
+        if not any(self.hidden_count):
+            return None
+        return self.store.extra("hidden", False, torch.bool)
+
+    def valid(self, call=None) -> torch.Tensor:
+        """Bool (kv_heads, slots): slots holding a token (not padding, not hidden) at or before the call's last
+        query, i.e. what this layer holds as far as the call's step is concerned."""
+        positions = self.positions()
+        valid = positions >= 0
+        if call is not None and call.start + call.num_queries < self.next_position:
+            valid &= positions < call.start + call.num_queries  # later rows of the same pass do not exist yet
+        hidden = self.hidden()
+        return valid if hidden is None else valid & ~hidden
+
+    def newest(self, call) -> int:
+        """The position of the call's last query: the newest token the layer holds for that step."""
+        return call.start + call.num_queries - 1
+
+    def held_at(self, call) -> list[int]:
+        """Tokens each head holds as far as the call's step is concerned (later rows of its pass excluded)."""
+        later = self.next_position - (call.start + call.num_queries)
+        return [n - later for n in self.held]
+
+    def held_keys(self) -> torch.Tensor:
+        return self.store.view()[0][0]
+
+    def held_values(self) -> torch.Tensor:
+        return self.store.view()[1][0]
+
+    def extra(self, name: str, fill: float = 0.0, dtype: torch.dtype = torch.float32, trailing=()) -> torch.Tensor:
+        """A per-slot statistic of the policy (kv_heads, slots, *trailing), kept aligned with the slots."""
+        return self.store.extra(name, fill, dtype, trailing)
+
+    # -- what policies change -------------------------------------------------------------------------------------
+    def keep(self, alive: torch.Tensor, counts: list[int], call=None, merged_into: torch.Tensor | None = None) -> None:
+        """Keep the valid slots marked in `alive` (kv_heads, slots), `counts` per head, and let the others go. Inside
+        an open provisional tail they are only hidden (freed at commit, restored by rollback); otherwise freed now.
+        merged_into -- per slot, the position a dropped entry was merged into (-1: dropped), for the trace."""
+        valid = self.valid(call)
+        dropped = valid & ~alive
+        if self.tail is not None:
+            hidden = self.store.extra("hidden", False, torch.bool)
+            hidden |= dropped
+            self.hidden_count = [h + n - c for h, n, c in zip(self.hidden_count, self.held_at(call), counts)]
+            if merged_into is not None:
+                raise WorkbenchError("merges cannot be tentative: a merging policy evicts at commit")
+            return
+        self._compact(valid, (self.positions() >= 0) & ~dropped, list(counts), merged_into)
+
+    def merge(self, into: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor,
+              self_weights: torch.Tensor) -> None:
+        """Fold entries into kept ones (see DenseStore.merge); only outside a provisional tail."""
+        if self.tail is not None:
+            raise WorkbenchError("merges cannot be tentative: a merging policy evicts at commit")
+        self.store.merge(into, sources, weights, self_weights)
+
+    def _compact(self, valid: torch.Tensor, alive: torch.Tensor, lengths: list[int], merged_into) -> None:
+        if self.cache.record_events:
+            self.events.append((valid.clone(), self.positions().clone(), alive.clone(),
+                                None if merged_into is None else merged_into.clone()))
+        self.store.keep(alive, lengths)
+
+    # -- transactions -------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The layer's mutable state (statistics, per-layer values, hidden counts) as it is now."""
+        return {"extras": self.store.snapshot_extras(), "state": {k: copy.copy(v) for k, v in self.state.items()},
+                "hidden_count": list(self.hidden_count)}
+
+    def restore(self, saved: dict) -> None:
+        self.store.restore_extras(saved["extras"])
+        self.state = {k: copy.copy(v) for k, v in saved["state"].items()}
+        self.hidden_count = list(saved["hidden_count"]) or self.hidden_count
+
+    def crop_to(self, position: int) -> None:
+        """Drop the tail's slots at positions >= `position` (present on every head: a tail is never freed)."""
+        drop = self.next_position - position
+        if drop <= 0:
+            return
+        self.store.crop(position, [n - drop for n in self.store.lengths])
+        self.next_position = position
+
+    def note_row(self, call, result) -> None:
+        """Keep the tentative state after a provisional row (what commit adopts)."""
+        if self.tail is not None:
+            self.tail.rows.append(_Row(call.start + call.num_queries - 1, self.snapshot(), call, result))
+
+    def rollback(self, position: int) -> None:
+        if self.tail is not None:
+            state = self.tail.state_at(position)
+            self.tail.rows = [row for row in self.tail.rows if row.position < position]
+        else:
+            state = None
+        self.crop_to(position)
+        if state is not None:
+            self.restore(state)
+        if position <= self.cache.committed:
+            self.tail = None
+            self.hidden_count = [0] * len(self.hidden_count)
+            if "hidden" in self.store.extras:
+                self.store.extra("hidden", False, torch.bool).zero_()
+
+    def commit(self, position: int, policy) -> None:
+        tail, self.tail = self.tail, None
+        accepted = [row for row in tail.rows if row.position < position] if tail is not None else []
+        self.crop_to(position)
+        if tail is not None:
+            self.restore(accepted[-1].snapshot if accepted else tail.before)
+        if any(self.hidden_count):  # free what the adopted state hid
+            hidden = self.store.extra("hidden", False, torch.bool)
+            valid = self.positions() >= 0
+            self.hidden_count, lengths = [0] * len(self.hidden_count), self.held
+            self._compact(valid, valid & ~hidden, lengths, None)
+            self.store.extra("hidden", False, torch.bool).zero_()
+        if accepted and not policy.tentative:  # merging policies evict once, on the committed state
+            policy.evict(self, accepted[-1].call, accepted[-1].result)
+
+
+class KVCache(Cache):
+    """A transformers Cache whose layers keep keys and values in stores and let `policy` decide what stays."""
+
+    def __init__(self, config, policy, store: type[DenseStore] = DenseStore):
+        text = config.get_text_config(decoder=True)
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        super().__init__(layers=[CacheLayer(self, i, store()) for i in range(self.num_layers)])
+        self.policy = policy
+        self.current: ForwardPass | None = None  # the pass under way
+        self.committed = 0  # positions before this are final
+        self.state: dict[str, Any] = {}  # the policy's run state across layers (budgets, ...)
+        self.record_events = False  # keep what was evicted, for the trace (costs a copy per eviction)
+
+    # -- passes ---------------------------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """The next position: every token handed to the cache so far, provisional ones included."""
+        return self.layers[0].next_position
+
+    @property
+    def tail_open(self) -> bool:
+        return self.position > self.committed
+
+    def begin_pass(self, forward: ForwardPass) -> None:
+        if forward.start != self.position:
+            raise WorkbenchError(f"a pass starting at position {forward.start} cannot follow the cache's "
+                                 f"{self.position} tokens")
+        if forward.phase == "prefill" and self.position:
+            raise WorkbenchError("a prefill must be the cache's first pass; later turns are 'append' passes")
+        if not self.position and forward.phase != "prefill":
+            raise WorkbenchError(f"the first pass over a cache is its prefill, not {forward.phase!r}")
+        if not forward.provisional and self.tail_open:
+            raise WorkbenchError(f"{self.position - self.committed} provisional tokens are open: commit(n) or "
+                                 f"rollback(mark) before a {forward.phase} pass")
+        self.current = forward
+        self.policy.begin_pass(self, forward)
+
+    def end_pass(self) -> None:
+        forward, self.current = self.current, None
+        if forward is not None and not forward.provisional:
+            self.committed = self.position
+
+    def pass_start(self, layer: CacheLayer, count: int) -> int:
+        """Where the tokens a layer is given start: the announced pass's start."""
+        if self.current is None:
+            if self.policy.needs_bridge:
+                raise WorkbenchError(
+                    f"cache '{self.policy.name}' acts on each layer's attention, which it sees through workbench: "
+                    "use workbench.generate or a workbench.run.Session, or run model.generate inside "
+                    "`with workbench.run.use_attention(model, 'sdpa', cache=cache):`")
+            return layer.next_position  # a plain forward over a cache that keeps everything
+        if count != self.current.count:
+            raise WorkbenchError(f"layer {layer.index} got {count} tokens in a pass of {self.current.count}")
+        return self.current.start
+
+    def commit(self, position: int) -> None:
+        """Keep the provisional tokens before `position`, drop the rest (see the module docstring)."""
+        if not self.committed <= position <= self.position:
+            raise WorkbenchError(f"commit({position}) is outside the open tail [{self.committed}, {self.position}]")
+        for layer in self.layers:
+            layer.commit(position, self.policy)
+        self.committed = position
+
+    def rollback(self, position: int) -> None:
+        """Return to the state at `position` (a committed position, or one inside the open tail)."""
+        if not self.committed <= position <= self.position:
+            raise WorkbenchError(f"cannot roll back to position {position}: only the provisional tokens "
+                                 f"[{self.committed}, {self.position}) can be rolled back")
+        for layer in self.layers:
+            layer.rollback(position)
+
+    # -- the attention bridge's hooks -------------------------------------------------------------------------------
+    def wants(self, layer_idx: int, phase: str) -> frozenset[str]:
+        return self.policy.wants(layer_idx, phase)
+
+    def sequential(self, call) -> bool:
+        """Whether the bridge must run this call one query row at a time (a provisional pass the policy acts on)."""
+        return call.provisional and call.num_queries > 1 and self.policy.acts_while_decoding
+
+    def attention_mask(self, call, hf_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Bool (1, kv_heads, q, slots) of the slots each query may see: transformers' mask (built over positions)
+        read at the position each slot holds, minus hidden slots, narrowed by the policy's own selection. None
+        when plain causal attention over the view is already right."""
+        layer = self.layers[call.layer]
+        store = layer.store
+        hidden = layer.hidden()
+        restrict = self.policy.visible(layer, call)
+        if store.identity and hidden is None and restrict is None:
+            return hf_mask
+        lengths = store.lengths
+        if hf_mask is None and hidden is None and restrict is None and len(set(lengths)) == 1 and (
+                call.num_queries == 1 or call.num_queries == lengths[0]):
+            return None  # every held slot is in the past of the query (or the slots are the queries)
+        positions = store.all_positions()
+        if hf_mask is None:
+            queries = call.positions()
+            visible = (positions[:, None, :] >= 0) & (positions[:, None, :] <= queries[None, :, None])
+        else:
+            visible = hf_mask[0, 0][:, positions.clamp_min(0)].transpose(0, 1) & (positions[:, None, :] >= 0)
+        if hidden is not None:
+            visible &= ~hidden[:, None, :]
+        if restrict is not None:
+            visible &= restrict
+        return visible[None]
+
+    def slot_positions(self, layer_idx: int) -> torch.Tensor | None:
+        return self.layers[layer_idx].store.slot_positions()
+
+    def after_attention(self, call, result) -> None:
+        """The layer's attention ran: let the policy observe and evict (tentatively, inside a provisional pass)."""
+        layer = self.layers[call.layer]
+        if call.decoding:  # a decode pass, or a provisional row: one step each
+            layer.state["decode_steps"] += 1
+        if call.provisional and not self.policy.acts_while_decoding:
+            return
+        self.policy.observe(layer, call, result)
+        if not call.provisional or self.policy.tentative:
+            self.policy.evict(layer, call, result)
+        if call.provisional:
+            layer.note_row(call, result)
+
+    # -- accounting -----------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes the key/value buffers of every layer occupy."""
+        return sum(layer.store.nbytes() for layer in self.layers)
+
+    def tokens_held(self) -> torch.Tensor:
+        """Long (layers, kv_heads): tokens each layer and KV head holds."""
+        return torch.tensor([layer.held for layer in self.layers], dtype=torch.long)
+
+    def positions(self, layer_idx: int) -> list[torch.Tensor]:
+        """Per KV head, the positions layer `layer_idx` holds (ascending)."""
+        valid = self.layers[layer_idx].valid()
+        positions = self.layers[layer_idx].positions()
+        return [positions[h][valid[h]] for h in range(positions.shape[0])]
+
+    def drain_events(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """(layer, kv_head, freed positions, positions they were merged into or None) since the last call."""
+        out = []
+        for index, layer in enumerate(self.layers):
+            for valid, positions, alive, merged_into in layer.events:
+                gone = valid & ~alive
+                for head in range(positions.shape[0]):
+                    mask = gone[head]
+                    if bool(mask.any()):
+                        out.append((index, head, positions[head][mask],
+                                    None if merged_into is None else merged_into[head][mask]))
+            layer.events = []
+        return out

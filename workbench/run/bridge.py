@@ -1,0 +1,235 @@
+"""The bridge between transformers and workbench components: run glue (attention variant + observer + cache).
+
+workbench registers one implementation, "workbench", in transformers' `AttentionInterface` (with SDPA's mask
+builder, so transformers' masks arrive as booleans over positions). A session binds its own variant, observer and
+cache to every forward pass it runs: the binding travels in the forward's keyword arguments (transformers hands
+them down to every attention call), never in shared state, so two sessions on one model (a draft and a target, the
+panel's thread and a notebook cell) cannot see each other's components.
+
+While any session on a model is open, the model's attention implementation is "workbench" (reference-counted,
+restored when the last one closes). A forward without a binding, e.g. the user calling the model directly in the
+meantime, runs the implementation the model had before.
+
+Per layer, `Binding.attend` builds the `AttentionCall` (phase and positions from the pass), asks the cache for its
+slot mask (transformers' mask read at the positions the slots hold), runs the variant, hands the statistics to
+the observer and then the attention to the cache, which may evict. A provisional pass the cache acts on runs one
+query row at a time, so each row sees what it would have seen had the tokens come one by one.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from workbench.attention.base import AttentionCall, AttentionResult, AttentionVariant
+from workbench.attention.fidelity import attention_fidelity, kept_keys
+from workbench.cache.kvcache import ForwardPass
+from workbench.errors import WorkbenchError
+
+IMPLEMENTATION = "workbench"
+PASS_KEYWORD = "workbench_pass"  # the forward keyword argument carrying a BoundPass
+FIDELITY = "fidelity"  # an observer asking for this gets recall and output error against dense attention
+
+
+class AttentionObserver(Protocol):
+    def wants(self, layer: int) -> frozenset[str]:
+        """Which statistics ("entropy", "probs", "key_mass") to compute for this layer, and "fidelity" for a
+        comparison with dense attention; empty for none."""
+
+    def observe(self, call: AttentionCall, result: AttentionResult) -> None:
+        """Receive a layer's result (called only when `wants(layer)` was not empty)."""
+
+    def observe_fidelity(self, call: AttentionCall, recall, output_error) -> None:
+        """Receive a layer's fidelity against dense attention (called when `wants(layer)` has "fidelity")."""
+
+
+@dataclass
+class Binding:
+    """What one session binds to its forward passes."""
+
+    variant: AttentionVariant
+    observer: AttentionObserver | None = None
+    cache: Any = None  # a workbench KVCache, or None for a forward without one
+
+    def attend(self, module, query, key, value, hf_mask, scaling, kwargs, forward: ForwardPass) -> torch.Tensor:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise WorkbenchError(f"{type(module).__name__} has no layer_idx: workbench cannot tell which layer's "
+                                 "cache and statistics its attention belongs to")
+        call = AttentionCall(layer, query, key, value, hf_mask, scaling if scaling is not None else
+                             query.shape[-1] ** -0.5, module, kwargs, phase=forward.phase, start=forward.start)
+        observer, cache = self.observer, self.cache
+        want = observer.wants(layer) if observer is not None else frozenset()
+        fidelity, want = FIDELITY in want, want - {FIDELITY}
+        if "probs" in want and hasattr(observer, "probs_heads"):
+            call.probs_heads = observer.probs_heads(layer)
+        if cache is not None:
+            cache_wants = cache.wants(layer, forward.phase)
+            if "probs" in cache_wants:
+                call.probs_heads = None  # the cache needs every head's rows
+            want = want | cache_wants
+            if "probs" in want:
+                call.slot_positions = cache.slot_positions(layer)
+        rows = [call] if cache is None or not cache.sequential(call) else [call.row(i) for i in
+                                                                           range(call.num_queries)]
+        results, fidelities = [], []
+        for row in rows:
+            if cache is not None:
+                row.mask = _per_query_head(cache.attention_mask(row, _rows_of(hf_mask, row, call)), row.groups)
+            result = self.variant.attend(row, want)
+            if fidelity:  # a dense recomputation of the same call: what the variant changed
+                fidelities.append(attention_fidelity(row, result.output, kept_keys(self.variant, row)))
+            if len(rows) > 1:  # a provisional row: the cache observes it (tentatively) before the next row runs
+                cache.after_attention(row, result)
+            results.append(result)
+        result = results[0] if len(results) == 1 else _concatenate(results)
+        if observer is not None and want:
+            observer.observe(call, result)
+        if fidelity:
+            observer.observe_fidelity(call, *(torch.cat(parts, dim=2) for parts in zip(*fidelities)))
+        if cache is not None and len(rows) == 1:  # after the observer: evicting rewrites the slots it read
+            cache.after_attention(rows[0], result)
+        return result.output
+
+
+@dataclass
+class BoundPass:
+    """What a session passes to the forward for its attention calls: its binding and the pass."""
+
+    binding: Binding
+    forward: ForwardPass
+
+
+def _rows_of(hf_mask, row: AttentionCall, call: AttentionCall):
+    if hf_mask is None or row is call:
+        return hf_mask
+    i = row.start - call.start
+    return hf_mask[:, :, i:i + 1]
+
+
+def _per_query_head(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """A mask per KV head (1, kv_heads, q, k) -> per query head; transformers' own (1, 1, q, k) stays as it is."""
+    if mask is None or mask.shape[1] == 1:
+        return mask
+    return mask.repeat_interleave(groups, dim=1)
+
+
+def _concatenate(results: list[AttentionResult]) -> AttentionResult:
+    """One result from the results of consecutive query rows."""
+    def cat(name, dim):
+        parts = [getattr(r, name) for r in results]
+        return None if parts[0] is None else torch.cat(parts, dim=dim)
+
+    key_mass = None if results[0].key_mass is None else torch.stack([r.key_mass for r in results]).sum(0)
+    return AttentionResult(cat("output", 1), entropy=cat("entropy", 2), probs=cat("probs", 2), key_mass=key_mass)
+
+
+# -- the implementation transformers calls ---------------------------------------------------------------------
+_previous: dict[int, str] = {}  # id(config) -> the implementation it had before workbench's was enabled
+_users: dict[int, int] = {}  # id(hf model) -> open sessions and use_attention blocks
+_lock = threading.Lock()
+
+
+def workbench_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    bound = kwargs.pop(PASS_KEYWORD, None)
+    if bound is None:  # a forward workbench did not bind: the model's own implementation
+        previous = _previous.get(id(module.config), "sdpa")
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        function = ALL_ATTENTION_FUNCTIONS.get_interface(previous, eager)
+        return function(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    output = bound.binding.attend(module, query, key, value, attention_mask, scaling, kwargs, bound.forward)
+    return output, None
+
+
+AttentionInterface.register(IMPLEMENTATION, workbench_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def _configs(hf_model) -> list:
+    seen: dict[int, Any] = {id(hf_model.config): hf_model.config}
+    for module in hf_model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+def enable(hf_model) -> None:
+    """Route the model's attention through workbench (until the matching `disable`)."""
+    with _lock:
+        count = _users.get(id(hf_model), 0)
+        if count == 0:
+            configs = _configs(hf_model)
+            before = {id(c): c._attn_implementation for c in configs}
+            hf_model.set_attn_implementation(IMPLEMENTATION)
+            if hf_model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns; we refuse
+                raise WorkbenchError(f"{type(hf_model).__name__} does not route attention through transformers' "
+                                     "AttentionInterface, so workbench attention variants cannot plug into it")
+            for config in configs:
+                _previous[id(config)] = before[id(config)] or "sdpa"
+        _users[id(hf_model)] = count + 1
+
+
+def disable(hf_model) -> None:
+    with _lock:
+        count = _users.get(id(hf_model), 0) - 1
+        if count > 0:
+            _users[id(hf_model)] = count
+            return
+        _users.pop(id(hf_model), None)
+        previous = _previous.get(id(hf_model.config), "sdpa")
+        hf_model.set_attn_implementation(previous)
+        for config in _configs(hf_model):
+            _previous.pop(id(config), None)
+
+
+@contextmanager
+def use_attention(model, variant: AttentionVariant | str = "sdpa", observer: AttentionObserver | None = None,
+                  cache=None):
+    """Run `model.hf.generate(...)` (or any forward of the model) with workbench components, for the block.
+
+    Inside, every forward the model runs is bound to `variant`, `observer` and `cache`, as a session would bind
+    it. transformers drives the passes, so the phase follows its contract: the first pass over an empty cache is
+    the prefill, every later one a decoding pass (assisted generation's multi-token checks included)."""
+    from workbench.attention import get as get_variant
+
+    hf_model = getattr(model, "hf", model)
+    binding = Binding(get_variant(variant), observer, cache)
+
+    def before(module, args, kwargs):
+        if PASS_KEYWORD in kwargs:  # a session's own forward
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        count = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        hf_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = hf_cache.get_seq_length() if hf_cache is not None else 0
+        forward = ForwardPass("prefill" if start == 0 else "decode", start, count,
+                              None if ids is None else ids[0])
+        if cache is not None:
+            cache.begin_pass(forward)
+        return args, {**kwargs, PASS_KEYWORD: BoundPass(binding, forward)}
+
+    def after(module, args, kwargs, output):
+        if cache is not None and cache.current is not None:
+            cache.end_pass()
+
+    enable(hf_model)
+    hooks = [hf_model.register_forward_pre_hook(before, with_kwargs=True),
+             hf_model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield binding
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if cache is not None and cache.current is not None:
+            cache.end_pass()
+        disable(hf_model)
+

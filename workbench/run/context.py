@@ -1,0 +1,44 @@
+"""`StepContext`: what a decoder's `step(ctx)` is handed (see workbench.decode.base for the contract)."""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.kernels import softmax_entropy
+
+
+class StepContext:
+    """One step of a run: the session, the next-token logits (fed on first use), their entropy (computed once and
+    shared with the recorder), the run's random generator and a way to record telemetry."""
+
+    def __init__(self, session, rng: torch.Generator, pending: list[int], logits: torch.Tensor | None, recorder):
+        self.session = session
+        self.rng = rng
+        self.pending = list(pending)  # chosen but not fed yet
+        self.recorder = recorder
+        self._logits = logits
+        self._entropy = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Float32 (vocab,): the next-token logits after everything chosen so far (feeds `pending` if needed)."""
+        if self._logits is None:
+            self._logits = self.session.feed(self.pending, "decode")[-1]
+            self.pending = []
+        return self._logits
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """The entropy (nats, 0-d float32 tensor) of softmax(logits), by the fused Triton kernel on GPU."""
+        if self._entropy is None:
+            self._entropy = softmax_entropy(self.logits)[1]
+        return self._entropy
+
+    def take_pending(self) -> list[int]:
+        """The pending tokens, which the caller now feeds itself (e.g. ahead of a draft, in one verify pass)."""
+        pending, self.pending = self.pending, []
+        return pending
+
+    def record(self, name: str, value) -> None:
+        """Record a declared trace variable (workbench.trace.schema) for this step; ignored when not recorded."""
+        self.recorder.record(name, value)

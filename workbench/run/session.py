@@ -1,0 +1,161 @@
+"""`Session`: one model binding, one cache, the positions; the only place a forward pass happens.
+
+    with Session(model, cache=wb.cache.get("snapkv", budget=128), attention="flash") as session:
+        logits = session.feed(prompt_ids, "prefill")[-1]      # (vocab,) float32 for the next token
+        logits = session.feed([token], "decode")[-1]
+        mark = session.mark()                                  # a position to come back to
+        rows = session.feed(draft, "verify")                   # (len(draft), vocab): provisional
+        session.commit(2)                                      # keep the first 2 draft tokens, drop the rest
+        session.rollback(mark)                                 # or: back to exactly the state at `mark`
+
+Phases (see workbench.attention.base.PHASES) travel with the pass to the attention variant and the cache policy.
+Positions are the session's: every pass gets explicit position ids from `position`, so a cache that evicted
+tokens still gives each new token its true RoPE position. The generation loop, the evaluation harness, the
+prefill replay, the fidelity replay and the cache benchmark all feed through a Session.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from workbench import attention as attention_family
+from workbench import cache as cache_family
+from workbench import routers as router_family
+from workbench.cache.kvcache import ForwardPass, KVCache
+from workbench.errors import WorkbenchError
+from workbench.run import bridge
+
+LOGITS = ("last", "all", "none")
+
+
+def build_cache(model, policy: Any = "full") -> KVCache:
+    """A fresh cache of `policy` for `model`; policies that measure the model first (razor_attention's retrieval
+    heads) run their forward passes through a session of their own (`probe`)."""
+    return cache_family.get(policy).build(model, forward=probe(model))
+
+
+def probe(model) -> Callable:
+    """`forward(ids, observer, attention="eager")`: one prefill of `ids` through a fresh full-cache session whose
+    attention statistics go to `observer` (what components that measure a model are handed)."""
+    def forward(ids, observer, attention: Any = "eager") -> None:
+        with Session(model, "full", attention, observer=observer) as session:
+            session.feed(ids, "prefill", logits="none")
+
+    return forward
+
+
+class Session:
+    """Feeds tokens into one model over one cache, with one attention variant, observer and router."""
+
+    def __init__(self, model, cache: Any = "full", attention: Any = "sdpa", *, observer=None, router: Any = "native"):
+        self.model = model
+        self.policy = cache.policy if isinstance(cache, KVCache) else cache_family.get(cache)
+        self.cache = cache if isinstance(cache, KVCache) else build_cache(model, self.policy)
+        self.attention = attention_family.get(attention)
+        self.router = router_family.get(router)
+        self.binding = bridge.Binding(self.attention, observer, self.cache)
+        self.peak_bytes = 0  # the most the cache held after any pass
+        self.listeners: list[Callable[[ForwardPass, float], None]] = []  # called after every pass
+        self.forwards = 0
+        self._open = False
+        self._router_context = None
+        self._keep_last = model.keep_logits(1)
+        self._cache_keyword = model.cache_keyword
+
+    # -- lifetime ---------------------------------------------------------------------------------------------
+    def open(self) -> Session:
+        if not self._open:
+            bridge.enable(self.model.hf)
+            self._router_context = self.router.attached(self.model)
+            self._router_context.__enter__()
+            self._open = True
+        return self
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._router_context.__exit__(None, None, None)
+            bridge.disable(self.model.hf)
+
+    def restart(self) -> None:
+        """Start over with a fresh cache of the same policy (nothing fed)."""
+        self.cache = build_cache(self.model, self.policy)
+        self.binding.cache = self.cache
+
+    def __enter__(self) -> Session:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- positions --------------------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """The next token's position: every token fed so far (provisional ones included)."""
+        return self.cache.position
+
+    @property
+    def committed(self) -> int:
+        """Tokens fed and final (the provisional tail starts here)."""
+        return self.cache.committed
+
+    def mark(self) -> int:
+        """A point to roll back to: the current position."""
+        return self.position
+
+    def rollback(self, mark: int) -> None:
+        """Return the cache, the positions and the policy's statistics to exactly their state at `mark` (the last
+        committed position or one inside the provisional tail)."""
+        self.cache.rollback(mark)
+
+    def commit(self, n: int) -> None:
+        """After verify/rollout passes: keep the first `n` provisional tokens, drop the rest; the policy observes
+        only the kept rows and evicts once."""
+        tail = self.position - self.committed
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= tail:
+            raise WorkbenchError(f"commit takes how many of the {tail} provisional tokens to keep (0..{tail}); "
+                                 f"got {n!r}")
+        self.cache.commit(self.committed + n)
+        self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+
+    # -- the forward pass -------------------------------------------------------------------------------------
+    def feed(self, ids, phase: str, logits: str | None = None) -> torch.Tensor | None:
+        """Run the tokens `ids` (a list, or a tensor (n,) / (1, n)) as one `phase` pass on top of the cache.
+
+        logits -- "last": float32 (1, vocab) for the last token (the default for prefill, decode and append);
+                  "all": (n, vocab) (the default for verify and rollout); "none": nothing (None)."""
+        if logits is None:
+            logits = "all" if phase in ("verify", "rollout") else "last"
+        if logits not in LOGITS:
+            raise WorkbenchError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
+        device = self.model.device
+        ids = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(1, -1) if not (
+            isinstance(ids, torch.Tensor) and ids.dim() == 2) else ids.to(device)
+        if ids.shape[0] != 1:
+            raise WorkbenchError(f"a session runs one sequence; got a batch of {ids.shape[0]}")
+        n = ids.shape[1]
+        if n == 0:
+            raise WorkbenchError(f"a {phase} pass needs at least one token")
+        forward = ForwardPass(phase, self.position, n, ids[0])
+        self.open()
+        started = time.perf_counter()
+        self.cache.begin_pass(forward)
+        try:
+            with torch.inference_mode():
+                out = self.model.hf(input_ids=ids, position_ids=torch.arange(forward.start, forward.end,
+                                                                             device=device)[None],
+                                    use_cache=True, **{self._cache_keyword: self.cache},
+                                    **(self._keep_last if logits != "all" else {}),
+                                    **{bridge.PASS_KEYWORD: bridge.BoundPass(self.binding, forward)})
+        finally:
+            self.cache.end_pass()
+        result = None if logits == "none" else out.logits[0, -1:].float() if logits == "last" else out.logits[0].float()
+        self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+        self.forwards += 1
+        seconds = time.perf_counter() - started
+        for listener in self.listeners:
+            listener(forward, seconds)
+        return result
