@@ -54,6 +54,18 @@ def test_errors_are_one_line_and_non_zero(capsys, argv, message):
     assert err.startswith(message) and err.count("\n") == 1
 
 
+def test_an_internal_error_shows_its_traceback_and_exits_1(capsys, monkeypatch):
+    """A bug is not the user's mistake: the traceback says where it happened (a user error stays one line)."""
+    def broken(*args, **kwargs):
+        raise KeyError("a bug deep inside")
+
+    monkeypatch.setattr("workbench.run.generate", broken)
+    assert main(["run", "--prompt", "hello", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'a bug deep inside'" in err
+    assert "internal error" in err
+
+
 def test_sparse_attention_from_the_command_line_reports_fidelity(capsys):
     assert main(["run", "--prompt", "hello there, tiny model", *TINY, "--max-new-tokens", "3", "--attention",
                  "block_sparse", "--set", "attention.pattern=vertical_slash", "--set", "attention.block_size=16",

@@ -200,6 +200,16 @@ def test_evaluate_refuses_unknown_policies_and_records_failures(tiny_llama):
     assert "budget 8" in json.loads(ds.attrs["errors"])[0]["error"]
 
 
+def test_a_bug_is_never_a_nan_cell(tiny_llama, monkeypatch):
+    """errors="record" records configurations that cannot run; a programming error propagates."""
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the loop")
+
+    monkeypatch.setattr("workbench.eval.harness.perplexity", broken)
+    with pytest.raises(TypeError, match="a bug in the loop"):
+        evaluate(tiny_llama, ["full"], [Perplexity(context=50, continuation=4)], progress=False, errors="record")
+
+
 def test_the_command_line_prints_a_table_and_saves(tmp_path, capsys):
     out = tmp_path / "r.nc"
     code = cli_main(["--model", "tiny:llama", "--policies", "full,streaming_llm", "--budgets", "64",

@@ -1,18 +1,20 @@
 """The `workbench` command: `workbench run ...` generates on the embedded model (or any model) with chosen
-components; `workbench list` shows every registered component. Errors print one line and exit non-zero."""
+components; `workbench list` shows every registered component. A mistake in the input prints one line and exits
+with status 2; anything else is a bug in workbench: it prints the traceback and exits with status 1."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 
 FAMILY_FLAGS = ("attention", "cache", "decoder", "router")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="raise errors instead of printing them (for a debugger)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="generate text with chosen components and summarize what happened")
@@ -60,17 +62,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # one line, no traceback, for anything else too (use --debug to see it)
+    except Exception:  # not the user's mistake: show where it happened
         if args.debug:
             raise
-        print(f"error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        traceback.print_exc()
+        print("workbench: internal error (the traceback above); please report it", file=sys.stderr)
         return 1
 
 
 def list_command(args) -> int:
-    import workbench as wb
+    from workbench.families import FAMILIES
 
-    for family, module in wb.FAMILIES.items():
+    for family, module in FAMILIES.items():
         if args.family and args.family != family:
             continue
         print(f"{family}:")
@@ -101,11 +104,12 @@ def component_params(args) -> dict[str, dict[str, str]]:
 
 
 def run_command(args) -> int:
-    import workbench as wb
+    from workbench.families import FAMILIES
+    from workbench.run import generate
     from workbench.run.result import entropy_summary_line, fidelity_summary_line
 
     params = component_params(args)
-    components = {family: wb.FAMILIES[family].get(getattr(args, family), **params[family])
+    components = {family: FAMILIES[family].get(getattr(args, family), **params[family])
                   for family in FAMILY_FLAGS}  # checked before the model loads: bad input fails fast
     if args.report:
         from workbench.report import check_report_path
@@ -120,7 +124,7 @@ def run_command(args) -> int:
     def show(event):
         print(event.text, end="", flush=True)
 
-    run = wb.generate(model, prompt, **components, record=record, max_new_tokens=args.max_new_tokens,
+    run = generate(model, prompt, **components, record=record, max_new_tokens=args.max_new_tokens,
                       stream=None if args.json else show)
     if args.trace:
         run.save(args.trace)
@@ -162,9 +166,9 @@ def _record(args, model):
 
 
 def _load(args):
-    import workbench as wb
+    from workbench.models import load
 
-    return wb.load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype)
 
 
 if __name__ == "__main__":

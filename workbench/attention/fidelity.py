@@ -25,12 +25,12 @@ def attention_fidelity(call: AttentionCall, output: torch.Tensor, kept: torch.Te
     output -- the variant's attention output (batch, q_len, heads, head_dim)
     kept   -- bool broadcastable to (batch, heads, q_len, k_len): the keys each query could see under the
               variant (None: the variant has no kept set, recall is NaN)"""
-    value = call.value.float().repeat_interleave(call.groups, dim=1)
+    value = call.value.float()
     output = output.float().transpose(1, 2)  # (batch, heads, q_len, head_dim)
     recalls, errors = [], []
     for rows in reference.row_chunks(call.query.shape[2]):
         probs = torch.softmax(reference.scores(call, rows), dim=-1)
-        dense = torch.matmul(probs, value)
+        dense = reference.by_group(probs, value)
         difference = (output[:, :, rows] - dense).norm(dim=-1)
         errors.append(difference / dense.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny))
         if kept is None:

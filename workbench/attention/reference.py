@@ -28,11 +28,16 @@ def allowed(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor:
     return causal_mask(q_len, k_len, call.query.device)[rows][None, None]
 
 
+def by_group(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (batch, heads, q, x) @ b (batch, kv_heads, x, y) -> (batch, heads, q, y), query head h using KV head
+    h // groups (GQA), without repeating b for every query head."""
+    batch, heads, q, x = a.shape
+    return torch.matmul(a.reshape(batch, b.shape[1], heads // b.shape[1] * q, x), b).view(batch, heads, q, -1)
+
+
 def scores(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor:
     """Float32 scaled scores (batch, heads, q_rows, k_len), -inf where the mask forbids attending."""
-    query = call.query[:, :, rows].float()
-    key = call.key.float().repeat_interleave(call.groups, dim=1)
-    s = torch.matmul(query, key.transpose(-1, -2)) * call.scaling
+    s = by_group(call.query[:, :, rows].float(), call.key.float().transpose(-1, -2)) * call.scaling
     softcap = call.kwargs.get("softcap")
     if softcap:
         s = torch.tanh(s / softcap) * softcap
@@ -67,12 +72,12 @@ def dense_attention(call: AttentionCall, want: frozenset[str] = frozenset(), wit
     scaled scores (-inf where masked) into the weights that multiply the values and the row distribution the
     statistics describe (both the softmax by default; variants that change the attention function pass their
     own)."""
-    value = call.value.float().repeat_interleave(call.groups, dim=1) if with_output else None
+    value = call.value.float() if with_output else None
     outputs, parts = [], {name: [] for name in want}
     for rows in row_chunks(call.query.shape[2]):
         weights, probs = weigh(scores(call, rows), rows)
         if with_output:
-            outputs.append(torch.matmul(weights, value))
+            outputs.append(by_group(weights, value))
         if "entropy" in want:
             parts["entropy"].append(row_entropy(probs))
         if "probs" in want:

@@ -241,8 +241,7 @@ def last_query_probs(call: AttentionCall, last_q: int) -> torch.Tensor:
     MInference and PBS estimate their patterns from (in decoding, the single query)."""
     q_len = call.query.shape[2]
     rows = slice(q_len - min(last_q, q_len), q_len)
-    s = torch.matmul(call.query[:, :, rows].float(),
-                     call.key.float().repeat_interleave(call.groups, dim=1).transpose(-1, -2)) * call.scaling
+    s = reference.by_group(call.query[:, :, rows].float(), call.key.float().transpose(-1, -2)) * call.scaling
     return torch.softmax(s.masked_fill(~reference.allowed(call, rows), float("-inf")), dim=-1)
 
 

@@ -43,8 +43,8 @@ class TopKRetrieval(MaskedVariant):
 
     def exact(self, call, seen: torch.Tensor) -> torch.Tensor:
         """Bool (batch, heads, Q, K): each row's top_k visible keys by q.k."""
-        key = call.key.float().repeat_interleave(call.groups, dim=1)
-        return torch.cat([top_tiles(torch.matmul(call.query[:, :, rows].float(), key.transpose(-1, -2)),
+        key = call.key.float().transpose(-1, -2)
+        return torch.cat([top_tiles(reference.by_group(call.query[:, :, rows].float(), key),
                                     seen[:, :, rows], self.top_k)
                           for rows in reference.row_chunks(call.query.shape[2])], dim=2)
 

@@ -99,23 +99,46 @@ class EvictionPolicy(CachePolicy):
 
     def evict_to(self, layer, call, result, budgets: list[int]) -> None:
         """Keep, per head, its protected tokens and the best-scored others, `budgets[h]` in all."""
-        counts = [min(n, b) for n, b in zip(layer.held_at(call), budgets)]
+        held = layer.held_at(call)
+        counts = [min(n, b) for n, b in zip(held, budgets)]
         valid = layer.valid(call)
         positions = layer.positions()
         newest = layer.newest(call)
         protected = (positions < self.sinks) | (positions > newest - self.window)
-        alive = keep_best(self.score(layer, call, result), valid, protected, positions, newest, counts)
+        if self.sinks + self.window <= min(counts):  # every protected token fits
+            ranked = self.score(layer, call, result).float().masked_fill(protected, float("inf"))
+        else:  # only some do: the newest of them win
+            ranked = torch.where(protected, PROTECTED * (1 + positions.float() / (newest + 1)),
+                                 self.score(layer, call, result).float())
+        ranked = ranked.masked_fill(~valid, float("-inf"))
+        if type(self).merge is EvictionPolicy.merge and len(set(counts)) == 1 and len(set(held)) == 1:
+            # the common case, every head alike: no mask to sort, and at a steady state only one slot to skip
+            if held[0] - counts[0] == 1:
+                layer.drop(worst_slot(ranked, valid, positions), call)
+            else:
+                layer.keep_slots(best_slots(ranked, counts[0]), counts, call)
+            return
+        alive = keep_best(ranked, valid, counts)
         layer.keep(alive, counts, call, self.merge(layer, alive, valid, call))
 
 
-def keep_best(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, positions: torch.Tensor,
-              newest: int, counts: list[int]) -> torch.Tensor:
-    """Bool (kv_heads, slots): per head, `counts[h]` valid slots: protected ones first (the newest first when they
-    do not all fit), then by descending score, ties to the older slot."""
-    ranked = torch.where(protected, PROTECTED * (1 + positions.float() / (newest + 1)), scores.float())
-    ranked = ranked.masked_fill(~valid, float("-inf"))
+def worst_slot(ranked: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Long (kv_heads, 1): each head's worst-ranked valid slot; of equal worst, the newest (as `best_slots` would
+    decide: ties keep the older)."""
+    ranked = ranked.masked_fill(~valid, float("inf"))
+    worst = ranked.min(dim=1, keepdim=True).values
+    return positions.masked_fill(ranked != worst, -1).argmax(dim=1, keepdim=True)
+
+
+def best_slots(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """Long (kv_heads, k): the k best-ranked slots of each head, ascending; ties go to the older (lower) slot."""
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    return order[:, :k].sort(dim=1).values
+
+
+def keep_best(ranked: torch.Tensor, valid: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Bool (kv_heads, slots): per head, its `counts[h]` best-ranked valid slots (ties to the older slot)."""
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                             .expand_as(order).contiguous())
-    limit = torch.tensor(counts, device=rank.device)[:, None]
-    return (rank < limit) & valid
+    return (rank < torch.tensor(counts, device=rank.device)[:, None]) & valid

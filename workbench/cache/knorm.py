@@ -15,5 +15,12 @@ class KNorm(EvictionPolicy):
     summary = "Keep the tokens whose keys have the lowest L2 norm (they tend to draw the most attention)."
     paper = "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (Devoto et al., EMNLP 2024)"
 
+    def observe(self, layer, call, result) -> None:
+        """Each key's norm, computed once, when it arrives (the new tokens are the last slots of every head)."""
+        norms = layer.extra("key_norm")
+        new = layer.next_position - layer.cache.current.start  # the pass's tokens, provisional rows included
+        new = new if len(set(layer.store.lengths)) == 1 else norms.shape[1]
+        norms[:, -new:] = layer.held_keys()[:, -new:].float().norm(dim=-1)
+
     def score(self, layer, call, result) -> torch.Tensor:
-        return -layer.held_keys().float().norm(dim=-1)
+        return -layer.extra("key_norm")

@@ -69,6 +69,7 @@ class _Tail:
     """The open provisional tail of one layer: the state before it and after each row observed."""
 
     before: dict
+    start: int  # the tail's first position
     rows: list[_Row] = field(default_factory=list)
 
     def state_at(self, position: int) -> dict:
@@ -94,6 +95,7 @@ class CacheLayer(CacheLayerMixin):
         self.next_position = 0  # positions handed to this layer so far
         self.state: dict[str, Any] = {"decode_steps": 0}
         self.hidden_count: list[int] = []  # per head: slots hidden by a tentative eviction (open tail only)
+        self.freed: list[int] = []  # per head: slots freed one at a time and not compacted yet (holes)
         self.tail: _Tail | None = None
         self.events: list[tuple] = []  # (valid-before mask, positions, alive mask, merged_into) per compaction
 
@@ -106,10 +108,11 @@ class CacheLayer(CacheLayerMixin):
             raise WorkbenchError(f"workbench caches hold one sequence; got a batch of {key_states.shape[0]}")
         start = self.cache.pass_start(self, key_states.shape[-2])
         if self.cache.current is not None and self.cache.current.provisional and self.tail is None:
-            self.tail = _Tail(self.snapshot())  # what rollback restores
+            self.tail = _Tail(self.snapshot(), start)  # what rollback restores
         self.store.append(key_states[0], value_states[0], start)
         if not self.hidden_count:
             self.hidden_count = [0] * self.store.num_heads
+            self.freed = [0] * self.store.num_heads
         self.next_position = start + key_states.shape[-2]
         self.is_initialized = True
         return self.store.view()
@@ -138,7 +141,8 @@ class CacheLayer(CacheLayerMixin):
     @property
     def held(self) -> list[int]:
         """Tokens each KV head holds (hidden ones excluded), known on the host."""
-        return [n - h for n, h in zip(self.store.lengths, self.hidden_count)] or [0] * self.cache.num_kv_heads
+        return [n - h - f for n, h, f in zip(self.store.lengths, self.hidden_count, self.freed)] or \
+            [0] * self.cache.num_kv_heads
 
     @property
     def num_heads(self) -> int:
@@ -199,6 +203,35 @@ class CacheLayer(CacheLayerMixin):
             return
         self._compact(valid, (self.positions() >= 0) & ~dropped, list(counts), merged_into)
 
+    def keep_slots(self, index: torch.Tensor, counts: list[int], call=None) -> None:
+        """Keep, per head h, the slots index[h] (ascending; every head keeps the same count) and let the others go:
+        the fast form of `keep` (no mask to sort), for policies that keep equal counts on every head."""
+        if self.tail is not None or self.cache.record_events or any(self.freed):
+            alive = torch.zeros(self.positions().shape, dtype=torch.bool, device=index.device)
+            return self.keep(alive.scatter_(1, index, True), counts, call)
+        self.store.keep_slots(index, list(counts))
+
+    def drop(self, slot: torch.Tensor, call=None) -> None:
+        """Let one slot per head go (slot: long (kv_heads, 1)), the steady state of decoding at a budget. The slot is
+        freed in place (a hole the slot mask hides) and the holes are compacted away once there are enough of them,
+        so a step costs a few small ops instead of moving the whole cache; inside a provisional tail it is hidden.
+        Holes are compacted once there are an eighth of the held tokens of them (at least 4)."""
+        if self.tail is not None:
+            self.store.extra("hidden", False, torch.bool).scatter_(1, slot, True)
+            self.hidden_count = [h + 1 for h in self.hidden_count]
+            return
+        positions = self.store.positions
+        if self.cache.record_events:
+            gone = torch.zeros(self.positions().shape, dtype=torch.bool, device=slot.device).scatter_(1, slot, True)
+            self.events.append((gone.clone(), self.positions().clone(), ~gone, None))
+        positions.scatter_(1, slot, -1)
+        self.store.identity = False
+        self.freed = [f + 1 for f in self.freed]
+        held = self.held
+        if max(self.freed) >= max(4, min(held) // 8):
+            self.store.keep(self.positions() >= 0, held)
+            self.freed = [0] * len(self.freed)
+
     def merge(self, into: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor,
               self_weights: torch.Tensor) -> None:
         """Fold entries into kept ones (see DenseStore.merge); only outside a provisional tail."""
@@ -210,18 +243,20 @@ class CacheLayer(CacheLayerMixin):
         if self.cache.record_events:
             self.events.append((valid.clone(), self.positions().clone(), alive.clone(),
                                 None if merged_into is None else merged_into.clone()))
-        self.store.keep(alive, lengths)
+        self.store.keep(alive, lengths)  # holes (position -1) are not alive: they go too
+        self.freed = [0] * len(self.freed)
 
     # -- transactions -------------------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """The layer's mutable state (statistics, per-layer values, hidden counts) as it is now."""
         return {"extras": self.store.snapshot_extras(), "state": {k: copy.copy(v) for k, v in self.state.items()},
-                "hidden_count": list(self.hidden_count)}
+                "hidden_count": list(self.hidden_count), "freed": list(self.freed)}
 
     def restore(self, saved: dict) -> None:
         self.store.restore_extras(saved["extras"])
         self.state = {k: copy.copy(v) for k, v in saved["state"].items()}
         self.hidden_count = list(saved["hidden_count"]) or self.hidden_count
+        self.freed = list(saved["freed"]) or self.freed
 
     def crop_to(self, position: int) -> None:
         """Drop the tail's slots at positions >= `position` (present on every head: a tail is never freed)."""
@@ -257,6 +292,8 @@ class CacheLayer(CacheLayerMixin):
         self.crop_to(position)
         if tail is not None:
             self.restore(accepted[-1].snapshot if accepted else tail.before)
+            if not tail.rows:  # a policy that does not act while decoding saw no rows: count the steps here
+                self.state["decode_steps"] += position - tail.start
         if any(self.hidden_count):  # free what the adopted state hid
             hidden = self.store.extra("hidden", False, torch.bool)
             valid = self.positions() >= 0
@@ -327,8 +364,9 @@ class KVCache(Cache):
         """Keep the provisional tokens before `position`, drop the rest (see the module docstring)."""
         if not self.committed <= position <= self.position:
             raise WorkbenchError(f"commit({position}) is outside the open tail [{self.committed}, {self.position}]")
-        for layer in self.layers:
-            layer.commit(position, self.policy)
+        with torch.inference_mode():  # the stores hold inference tensors (a session's forward filled them)
+            for layer in self.layers:
+                layer.commit(position, self.policy)
         self.committed = position
 
     def rollback(self, position: int) -> None:
@@ -336,8 +374,9 @@ class KVCache(Cache):
         if not self.committed <= position <= self.position:
             raise WorkbenchError(f"cannot roll back to position {position}: only the provisional tokens "
                                  f"[{self.committed}, {self.position}) can be rolled back")
-        for layer in self.layers:
-            layer.rollback(position)
+        with torch.inference_mode():
+            for layer in self.layers:
+                layer.rollback(position)
 
     # -- the attention bridge's hooks -------------------------------------------------------------------------------
     def wants(self, layer_idx: int, phase: str) -> frozenset[str]:
@@ -358,8 +397,8 @@ class KVCache(Cache):
         if store.identity and hidden is None and restrict is None:
             return hf_mask
         lengths = store.lengths
-        if hf_mask is None and hidden is None and restrict is None and len(set(lengths)) == 1 and (
-                call.num_queries == 1 or call.num_queries == lengths[0]):
+        plain = hf_mask is None and hidden is None and restrict is None and not any(layer.freed)
+        if plain and len(set(lengths)) == 1 and (call.num_queries == 1 or call.num_queries == lengths[0]):
             return None  # every held slot is in the past of the query (or the slots are the queries)
         positions = store.all_positions()
         if hf_mask is None:
@@ -379,10 +418,10 @@ class KVCache(Cache):
     def after_attention(self, call, result) -> None:
         """The layer's attention ran: let the policy observe and evict (tentatively, inside a provisional pass)."""
         layer = self.layers[call.layer]
-        if call.decoding:  # a decode pass, or a provisional row: one step each
-            layer.state["decode_steps"] += 1
         if call.provisional and not self.policy.acts_while_decoding:
-            return
+            return  # nothing to observe; commit counts the accepted steps
+        if call.decoding:  # every decoded token is a step (a provisional pass arrives here row by row)
+            layer.state["decode_steps"] += call.num_queries
         self.policy.observe(layer, call, result)
         if not call.provisional or self.policy.tentative:
             self.policy.evict(layer, call, result)

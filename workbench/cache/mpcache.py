@@ -86,7 +86,7 @@ class MPCache(SnapKV):
             for row in range(q_len):
                 query = call.query[0, head * groups:(head + 1) * groups, row].float()
                 visible[head, row, :n] = index.select(query, self.top_coarse, self.top_fine) | (index.labels < 0)
-        held = layer.valid()[:, None, :]
+        held = layer.valid(call)[:, None, :]
         layer.state["selected_fraction"] = (visible & held).sum() / (held.sum() * q_len)
         return None if bool((visible | ~held).all()) else visible  # everything selected: plain attention
 

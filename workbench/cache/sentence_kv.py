@@ -125,7 +125,7 @@ class SentenceKV(EvictionPolicy):
                 best = torch.topk(by_sentence, min(self.top_sentences, len(ids)))
                 chosen = best.indices[best.values > float("-inf")]
                 visible[head, row, slots] = always | torch.isin(inverse, chosen)
-        held = valid[:, None, :]
+        held = layer.valid(call)[:, None, :]
         layer.state["selected_fraction"] = (visible & held).sum() / (held.sum() * call.num_queries)
         return None if bool((visible | ~held).all()) else visible  # everything selected: plain attention
 

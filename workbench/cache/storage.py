@@ -108,33 +108,40 @@ class DenseStore:
     def keep(self, alive: torch.Tensor, lengths: list[int]) -> None:
         """Keep, per head, the slots where `alive` (kv_heads, slots) is True, in their order; `lengths` is how many
         that is per head (the caller knows it on the host, so nothing waits for the device)."""
+        order = torch.sort((~alive[:, :self.slots]).to(torch.int8), dim=1, stable=True).indices  # kept first
+        self.keep_slots(order[:, :max(lengths, default=0)], lengths)
+
+    def keep_slots(self, index: torch.Tensor, lengths: list[int]) -> None:
+        """Keep, per head h, the slots index[h, :lengths[h]] (ascending), in that order, and free the rest."""
         if not self.ragged and len(set(lengths)) > 1:
             raise ValueError("a DenseStore keeps the same number of tokens on every head; use a RaggedStore")
-        span = self.slots
-        order = torch.sort((~alive[:, :span]).to(torch.int8), dim=1, stable=True).indices  # kept slots first
-        width = max(lengths, default=0)
-        index = order[:, :width]
-        keys = self.keys[:, :span].gather(1, index[..., None].expand(-1, -1, self.keys.shape[-1]))
-        values = self.values[:, :span].gather(1, index[..., None].expand(-1, -1, self.values.shape[-1]))
-        positions = self.positions[:, :span].gather(1, index)
-        extras = {name: t[:, :span].gather(1, index.view(*index.shape, *[1] * (t.dim() - 2))
-                                           .expand(-1, -1, *t.shape[2:]))
-                  for name, t in self.extras.items()}
+        heads, width = index.shape
+        flat = (index + self._head_offsets()).reshape(-1)  # rows of the (heads * capacity) flattened buffers
+        taken = [_take(buffer, flat, heads, width) for buffer in (self.keys, self.values, self.positions)]
+        extras = {name: _take(t, flat, heads, width) for name, t in self.extras.items()}
         if self.capacity > width + 2 * slack(width):  # much of the buffer was freed: really give the memory back
             self.keys = self.values = self.positions = None
             self.extras = {name: t[:, :0] for name, t in self.extras.items()}
             self.lengths = [0] * len(lengths)
-            self._allocate(keys, values, width + slack(width))
-        self.keys[:, :width], self.values[:, :width], self.positions[:, :width] = keys, values, positions
+            self._allocate(taken[0], taken[1], width + slack(width))
+        span = self.slots
+        self.keys[:, :width], self.values[:, :width], self.positions[:, :width] = taken
         for name, tensor in extras.items():
             self.extras[name][:, :width] = tensor
-        if self.ragged:  # slots past a head's new length are padding
-            pad = torch.arange(width, device=self.positions.device)[None] >= torch.tensor(
-                lengths, device=self.positions.device)[:, None]
+        if len(set(lengths)) > 1:  # slots past a head's new length are padding
+            pad = torch.arange(width, device=index.device)[None] >= torch.tensor(lengths, device=index.device)[:, None]
             self.positions[:, :width].masked_fill_(pad, -1)
-        self.positions[:, width:span] = -1
-        self.lengths = list(lengths)
+        if span > width:
+            self.positions[:, width:span] = -1
         self.identity = self.identity and all(n == span for n in lengths)
+        self.lengths = list(lengths)
+
+    def _head_offsets(self) -> torch.Tensor:
+        """(kv_heads, 1): where each head's rows start in the flattened buffers."""
+        if getattr(self, "_offsets_for", None) != (self.capacity, self.keys.device):
+            self._offsets = torch.arange(self.num_heads, device=self.keys.device)[:, None] * self.capacity
+            self._offsets_for = (self.capacity, self.keys.device)
+        return self._offsets
 
     def crop(self, position: int, lengths: list[int]) -> None:
         """Drop every slot holding a position >= `position`. They are the last slots of each head (a tail of
@@ -199,6 +206,13 @@ class DenseStore:
     def restore_extras(self, saved: dict[str, torch.Tensor]) -> None:
         for name, tensor in saved.items():
             self.extras[name][:, :tensor.shape[1]] = tensor
+
+
+def _take(buffer: torch.Tensor, flat: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """Rows `flat` of a (heads, capacity, ...) buffer seen as (heads * capacity, ...), as (heads, width, ...):
+    one index_select (a copy of whole rows), much cheaper than a gather over every element."""
+    rows = buffer.reshape(buffer.shape[0] * buffer.shape[1], *buffer.shape[2:]).index_select(0, flat)
+    return rows.view(heads, width, *buffer.shape[2:])
 
 
 class RaggedStore(DenseStore):

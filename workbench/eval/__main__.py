@@ -65,6 +65,13 @@ def build_tasks(args):
     return made
 
 
+def _integers(text: str, flag: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise WorkbenchError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def _depth(text: str):
     try:
         if "-" in text.strip("-"):
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
             policies = wb.cache.available()
         else:
             policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+        budgets = _integers(args.budgets, "--budgets")
         tasks = build_tasks(args)
         model = wb.load(args.model, device=args.device)
         grid = {policy: budgets for policy in policies}
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
         ds = evaluate(model, grid, tasks, seeds=args.seeds, progress=not args.no_progress,
                       errors="raise" if args.stop_on_error else "record", max_new_tokens=args.max_new_tokens,
                       chunk=args.chunk, prefill=args.prefill)
-    except (WorkbenchError, ValueError) as error:
+    except WorkbenchError as error:  # the user's input; anything else propagates with its traceback (status 1)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\n{table(ds)}\n\n{time.perf_counter() - started:.0f} s in all")

@@ -120,8 +120,9 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
 
     tasks          -- task generators (workbench.eval.tasks); default: Passkey(length=2000) and Perplexity()
     seeds          -- an int n (seeds 0..n-1) or the seeds themselves
-    errors         -- "raise" stops at the first failing run; "record" leaves NaN there, warns on stderr and
-                      lists the failures in attrs["errors"]
+    errors         -- "raise" stops at the first failing run; "record" leaves NaN where a configuration cannot
+                      run (a WorkbenchError: a bad parameter, a prompt too long for the model), warns on stderr and
+                      lists the failures in attrs["errors"]; any other exception is a bug and always propagates
     max_new_tokens -- reply length limit per question (retrieval tasks)
     chunk          -- continuation tokens per forward pass in perplexity tasks (1: decode-time eviction acts
                       between every two tokens)
@@ -177,7 +178,7 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
                 started = time.perf_counter()
                 try:
                     values, reply = _run(model, config, sample, max_new_tokens, chunk, attention, record)
-                except Exception as error:  # noqa: BLE001  (recorded, or re-raised)
+                except WorkbenchError as error:  # a configuration that cannot run (a bug is never a NaN cell)
                     if errors == "raise":
                         raise
                     failures.append({"policy": config.label, "budget": config.budget, "task": task.label,

@@ -6,9 +6,9 @@ cache to every forward pass it runs: the binding travels in the forward's keywor
 them down to every attention call), never in shared state, so two sessions on one model (a draft and a target, the
 panel's thread and a notebook cell) cannot see each other's components.
 
-While any session on a model is open, the model's attention implementation is "workbench" (reference-counted,
-restored when the last one closes). A forward without a binding, e.g. the user calling the model directly in the
-meantime, runs the implementation the model had before.
+While any session's forward (or a `use_attention` block) runs on a model, the model's attention implementation is
+"workbench" (reference-counted, restored when the last one ends). A forward without a binding, e.g. the user
+calling the model directly in the meantime, runs the implementation the model had before.
 
 Per layer, `Binding.attend` builds the `AttentionCall` (phase and positions from the pass), asks the cache for its
 slot mask (transformers' mask read at the positions the slots hold), runs the variant, hands the statistics to
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -153,28 +154,38 @@ AttentionInterface.register(IMPLEMENTATION, workbench_attention)
 AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
+_routed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> the configs its modules read
+
+
 def _configs(hf_model) -> list:
-    seen: dict[int, Any] = {id(hf_model.config): hf_model.config}
-    for module in hf_model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(config, PreTrainedConfig):
-            seen.setdefault(id(config), config)
-    return list(seen.values())
+    """The configs whose `_attn_implementation` the model's modules read; the first call per model also checks
+    that the model routes attention through transformers' AttentionInterface at all."""
+    if hf_model not in _routed:
+        seen: dict[int, Any] = {id(hf_model.config): hf_model.config}
+        for module in hf_model.modules():
+            config = getattr(module, "config", None)
+            if isinstance(config, PreTrainedConfig):
+                seen.setdefault(id(config), config)
+        previous = hf_model.config._attn_implementation
+        hf_model.set_attn_implementation(IMPLEMENTATION)
+        routed = hf_model.config._attn_implementation == IMPLEMENTATION  # transformers only warns; we refuse
+        hf_model.set_attn_implementation(previous or "sdpa")
+        if not routed:
+            raise WorkbenchError(f"{type(hf_model).__name__} does not route attention through transformers' "
+                                 "AttentionInterface, so workbench attention variants cannot plug into it")
+        _routed[hf_model] = list(seen.values())
+    return _routed[hf_model]
 
 
 def enable(hf_model) -> None:
-    """Route the model's attention through workbench (until the matching `disable`)."""
+    """Route the model's attention through workbench (until the matching `disable`; calls nest)."""
+    configs = _configs(hf_model)
     with _lock:
         count = _users.get(id(hf_model), 0)
         if count == 0:
-            configs = _configs(hf_model)
-            before = {id(c): c._attn_implementation for c in configs}
-            hf_model.set_attn_implementation(IMPLEMENTATION)
-            if hf_model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns; we refuse
-                raise WorkbenchError(f"{type(hf_model).__name__} does not route attention through transformers' "
-                                     "AttentionInterface, so workbench attention variants cannot plug into it")
             for config in configs:
-                _previous[id(config)] = before[id(config)] or "sdpa"
+                _previous[id(config)] = config._attn_implementation or "sdpa"
+                config._attn_implementation = IMPLEMENTATION
         _users[id(hf_model)] = count + 1
 
 
@@ -185,10 +196,18 @@ def disable(hf_model) -> None:
             _users[id(hf_model)] = count
             return
         _users.pop(id(hf_model), None)
-        previous = _previous.get(id(hf_model.config), "sdpa")
-        hf_model.set_attn_implementation(previous)
         for config in _configs(hf_model):
-            _previous.pop(id(config), None)
+            config._attn_implementation = _previous.pop(id(config), "sdpa")
+
+
+@contextmanager
+def routed(hf_model):
+    """The model's attention goes through workbench inside the block (for a session's forward)."""
+    enable(hf_model)
+    try:
+        yield
+    finally:
+        disable(hf_model)
 
 
 @contextmanager

@@ -60,36 +60,21 @@ class Session:
         self.peak_bytes = 0  # the most the cache held after any pass
         self.listeners: list[Callable[[ForwardPass, float], None]] = []  # called after every pass
         self.forwards = 0
-        self._open = False
-        self._router_context = None
         self._keep_last = model.keep_logits(1)
         self._cache_keyword = model.cache_keyword
-
-    # -- lifetime ---------------------------------------------------------------------------------------------
-    def open(self) -> Session:
-        if not self._open:
-            bridge.enable(self.model.hf)
-            self._router_context = self.router.attached(self.model)
-            self._router_context.__enter__()
-            self._open = True
-        return self
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._router_context.__exit__(None, None, None)
-            bridge.disable(self.model.hf)
 
     def restart(self) -> None:
         """Start over with a fresh cache of the same policy (nothing fed)."""
         self.cache = build_cache(self.model, self.policy)
         self.binding.cache = self.cache
 
+    # A session binds the model only for the duration of each forward, so it holds nothing to release: `with`
+    # is accepted for readability and does nothing more.
     def __enter__(self) -> Session:
-        return self.open()
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        pass
 
     # -- positions --------------------------------------------------------------------------------------------
     @property
@@ -140,11 +125,10 @@ class Session:
         if n == 0:
             raise WorkbenchError(f"a {phase} pass needs at least one token")
         forward = ForwardPass(phase, self.position, n, ids[0])
-        self.open()
         started = time.perf_counter()
         self.cache.begin_pass(forward)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), bridge.routed(self.model.hf), self.router.attached(self.model):
                 out = self.model.hf(input_ids=ids, position_ids=torch.arange(forward.start, forward.end,
                                                                              device=device)[None],
                                     use_cache=True, **{self._cache_keyword: self.cache},
