@@ -43,6 +43,7 @@ def state_of(cache):
         state = dict(layer.state)
         if "clusters" in state:  # mpcache's per-head cluster indexes: compare what they hold
             state["clusters"] = [(c.labels, c.parents, c.coarse_centroids, c.fine_centroids) for c in state["clusters"]]
+            state["index"] = dict(vars(state["index"]))
         layers.append({"heads": heads, "held": layer.held, "state": state})
     return {"layers": layers, "position": cache.position, "committed": cache.committed,
             "run": {k: v for k, v in cache.state.items() if k != "sentences"}}

@@ -84,19 +84,20 @@ class D2O(H2O):
             if max(each.held) > budgets[0]:
                 self.evict_to(each, call, result, budgets)
 
-    def merge(self, layer, alive, valid, call) -> torch.Tensor:
-        dropped = valid & ~alive
-        keys = layer.held_keys().float()
+    merges = True
+
+    def merge(self, layer, gone, going, alive, call) -> torch.Tensor:
+        keys, positions = layer.held_keys().float(), layer.positions()
         unit = F.normalize(keys, dim=-1)
-        similarity = (unit @ unit.transpose(1, 2)).masked_fill(~(dropped[:, :, None] & alive[:, None, :]),
-                                                                float("-inf"))
+        gone_unit = unit.gather(1, gone[..., None].expand(-1, -1, unit.shape[-1]))
+        similarity = (gone_unit @ unit.transpose(1, 2)).masked_fill(~(alive[:, None, :] & going[..., None]),
+                                                                     float("-inf"))
         best, nearest = similarity.max(dim=-1)  # nearest: the most similar kept slot
-        tau = self.threshold_now(layer, torch.where(dropped, best, 0.0), dropped)
-        merged = dropped & (best >= tau[:, None])
+        tau = self.threshold_now(layer, torch.where(going, best, 0.0), going)
+        merged = going & (best >= tau[:, None])
         weights = torch.where(merged, best.exp(), 0.0)
-        slots = torch.arange(keys.shape[1], device=keys.device).expand_as(nearest)
-        layer.merge(nearest, slots, weights, torch.full_like(weights, math.e))  # the kept token: exp(1)
-        return torch.where(merged, layer.positions().gather(1, nearest), -1)
+        layer.merge(nearest, gone, weights, torch.full(positions.shape, math.e, device=keys.device))  # kept: e
+        return torch.where(merged, positions.gather(1, nearest), -1)
 
     def threshold_now(self, layer, best: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """(kv_heads,) merge threshold: the fixed one, or the EMA of each eviction's mean best similarity."""

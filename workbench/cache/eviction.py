@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -66,10 +67,15 @@ class EvictionPolicy(CachePolicy):
         """Float (kv_heads, slots): how much each held token is worth keeping (padding slots are ignored)."""
         raise NotImplementedError
 
-    def merge(self, layer, alive: torch.Tensor, valid: torch.Tensor, call) -> torch.Tensor | None:
-        """Merging policies fold the entries about to go (valid & ~alive) into kept ones through `layer.merge`, and
-        return per slot the position each went into (-1: none). Plain eviction returns None."""
-        return None
+    merges: ClassVar[bool] = False  # folds what goes into kept entries (override `merge`)
+
+    def merge(self, layer, gone: torch.Tensor, going: torch.Tensor, alive: torch.Tensor, call) -> torch.Tensor:
+        """Merging policies fold the entries about to go into kept ones through `layer.merge`.
+
+        gone  -- long (kv_heads, m): the slots that go (per head; `going` marks the real ones, the rest is padding)
+        alive -- bool (kv_heads, slots): the slots that stay
+        Returns long (kv_heads, m): the position each gone entry went into (-1: dropped)."""
+        raise NotImplementedError
 
     # -- the base's work --------------------------------------------------------------------------------------
     def begin_pass(self, cache, forward) -> None:
@@ -111,15 +117,36 @@ class EvictionPolicy(CachePolicy):
             ranked = torch.where(protected, PROTECTED * (1 + positions.float() / (newest + 1)),
                                  self.score(layer, call, result).float())
         ranked = ranked.masked_fill(~valid, float("-inf"))
-        if type(self).merge is EvictionPolicy.merge and len(set(counts)) == 1 and len(set(held)) == 1:
-            # the common case, every head alike: no mask to sort, and at a steady state only one slot to skip
-            if held[0] - counts[0] == 1:
-                layer.drop(worst_slot(ranked, valid, positions), call)
-            else:
-                layer.keep_slots(best_slots(ranked, counts[0]), counts, call)
+        drops = [n - c for n, c in zip(held, counts)]
+        if max(drops) == 1:  # the steady state of decoding: one token (on each head that is over) goes
+            gone = worst_slot(ranked, valid, positions)
+            merged = None
+            if self.merges:
+                going = torch.tensor(drops, device=gone.device)[:, None] == 1
+                alive = valid.clone().scatter_(1, gone, ~going)
+                merged = self.merge(layer, gone, going, alive, call)
+            layer.drop(gone, call, drops, merged)
+            return
+        if not self.merges and len(set(counts)) == 1 and len(set(held)) == 1:  # every head alike: no mask to sort
+            layer.keep_slots(best_slots(ranked, counts[0]), counts, call)
             return
         alive = keep_best(ranked, valid, counts)
-        layer.keep(alive, counts, call, self.merge(layer, alive, valid, call))
+        merged_into = None
+        if self.merges:
+            gone, going = dropped_slots(alive, valid, drops)
+            into = self.merge(layer, gone, going, alive, call)
+            merged_into = torch.full(alive.shape, -1, dtype=torch.long, device=alive.device).scatter_(
+                1, gone, torch.where(going, into, -1))
+        layer.keep(alive, counts, call, merged_into)
+
+
+def dropped_slots(alive: torch.Tensor, valid: torch.Tensor, drops: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots each head lets go (valid and not alive), ascending, as (long (kv_heads, m), bool (kv_heads, m)):
+    m = the most any head drops; `going` is False where a head drops fewer (padding)."""
+    order = torch.sort((~(valid & ~alive)).to(torch.int8), dim=1, stable=True).indices  # the gone ones first
+    width = max(drops)
+    going = torch.arange(width, device=alive.device)[None] < torch.tensor(drops, device=alive.device)[:, None]
+    return order[:, :width], going
 
 
 def worst_slot(ranked: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -211,22 +211,32 @@ class CacheLayer(CacheLayerMixin):
             return self.keep(alive.scatter_(1, index, True), counts, call)
         self.store.keep_slots(index, list(counts))
 
-    def drop(self, slot: torch.Tensor, call=None) -> None:
-        """Let one slot per head go (slot: long (kv_heads, 1)), the steady state of decoding at a budget. The slot is
-        freed in place (a hole the slot mask hides) and the holes are compacted away once there are enough of them,
-        so a step costs a few small ops instead of moving the whole cache; inside a provisional tail it is hidden.
-        Holes are compacted once there are an eighth of the held tokens of them (at least 4)."""
-        if self.tail is not None:
-            self.store.extra("hidden", False, torch.bool).scatter_(1, slot, True)
-            self.hidden_count = [h + 1 for h in self.hidden_count]
-            return
+    def drop(self, slot: torch.Tensor, call=None, dropping: list[int] | None = None,
+             merged_into: torch.Tensor | None = None) -> None:
+        """Let one slot per head go (slot: long (kv_heads, 1); `dropping`: per head 1 or 0, None for all), the
+        steady state of decoding at a budget. The slot is freed in place (a hole the slot mask hides)
+        and holes are compacted once there are an eighth of the held tokens of them (at least 4), so a step costs
+        a few small ops instead of moving the whole cache; inside a provisional tail it is only hidden.
+        merged_into -- long (kv_heads, 1): the position the dropped entry was merged into (-1: none), for the trace."""
         positions = self.store.positions
-        if self.cache.record_events:
-            gone = torch.zeros(self.positions().shape, dtype=torch.bool, device=slot.device).scatter_(1, slot, True)
-            self.events.append((gone.clone(), self.positions().clone(), ~gone, None))
-        positions.scatter_(1, slot, -1)
-        self.store.identity = False
-        self.freed = [f + 1 for f in self.freed]
+        dropping = dropping or [1] * self.num_heads
+        heads = None if min(dropping) == 1 else torch.tensor(dropping, device=slot.device)[:, None] == 1
+        if self.tail is not None:
+            hidden = self.store.extra("hidden", False, torch.bool)
+            hidden.scatter_(1, slot, True if heads is None else heads | hidden.gather(1, slot))
+        else:
+            if self.cache.record_events:
+                gone = torch.zeros(self.positions().shape, dtype=torch.bool, device=slot.device)
+                gone.scatter_(1, slot, True if heads is None else heads)
+                merged = None if merged_into is None else torch.full_like(self.positions(), -1).scatter_(
+                    1, slot, merged_into)
+                self.events.append((gone, self.positions().clone(), ~gone, merged))
+            positions.scatter_(1, slot, -1 if heads is None else torch.where(heads, -1, positions.gather(1, slot)))
+            self.store.identity = False
+        if self.tail is not None:
+            self.hidden_count = [h + d for h, d in zip(self.hidden_count, dropping)]
+            return
+        self.freed = [f + d for f, d in zip(self.freed, dropping)]
         held = self.held
         if max(self.freed) >= max(4, min(held) // 8):
             self.store.keep(self.positions() >= 0, held)
@@ -249,12 +259,12 @@ class CacheLayer(CacheLayerMixin):
     # -- transactions -------------------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """The layer's mutable state (statistics, per-layer values, hidden counts) as it is now."""
-        return {"extras": self.store.snapshot_extras(), "state": {k: copy.copy(v) for k, v in self.state.items()},
+        return {"extras": self.store.snapshot_extras(), "state": _shallow(self.state),
                 "hidden_count": list(self.hidden_count), "freed": list(self.freed)}
 
     def restore(self, saved: dict) -> None:
         self.store.restore_extras(saved["extras"])
-        self.state = {k: copy.copy(v) for k, v in saved["state"].items()}
+        self.state = _shallow(saved["state"])
         self.hidden_count = list(saved["hidden_count"]) or self.hidden_count
         self.freed = list(saved["freed"]) or self.freed
 
@@ -302,6 +312,11 @@ class CacheLayer(CacheLayerMixin):
             self.store.extra("hidden", False, torch.bool).zero_()
         if accepted and not policy.tentative:  # merging policies evict once, on the committed state
             policy.evict(self, accepted[-1].call, accepted[-1].result)
+
+
+def _shallow(state: dict) -> dict:
+    """A copy of a layer's state dict whose lists and dicts are copies too (values are replaced, not mutated)."""
+    return {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in state.items()}
 
 
 class KVCache(Cache):

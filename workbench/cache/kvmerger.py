@@ -50,21 +50,30 @@ class KVMerger(H2O):
             raise ParameterError(f"cache '{self.name}' parameter 'sigma' must be > 0 (the kernel width), got 0")
 
     tentative = False  # merges cannot be undone: inside a provisional pass it evicts at commit
+    merges = True
 
-    def merge(self, layer, alive, valid, call) -> torch.Tensor:
-        dropped = valid & ~alive
-        keys = layer.held_keys().float()
+    def merge(self, layer, gone, going, alive, call) -> torch.Tensor:
+        keys, valid, positions = layer.held_keys().float(), layer.valid(call), layer.positions()
         unit = F.normalize(keys, dim=-1)
-        adjacent = (unit[:, 1:] * unit[:, :-1]).sum(-1)  # slots are in position order
-        breaks = (adjacent < self.threshold) | ~valid[:, 1:] | ~valid[:, :-1]
-        merging_set = torch.cat([adjacent.new_zeros(adjacent.shape[0], 1), breaks.float().cumsum(-1)], dim=-1)
-        similarity = unit @ unit.transpose(1, 2)  # (heads, slots, slots)
-        allowed = dropped[:, :, None] & alive[:, None, :] & (merging_set[:, :, None] == merging_set[:, None, :])
-        best, pivot = similarity.masked_fill(~allowed, float("-inf")).max(dim=-1)  # pivot: the kept slot
-        merged = dropped & (best > float("-inf"))
-        pivot_keys = keys.gather(1, pivot[..., None].expand_as(keys))
+        # merging sets: runs of consecutive held tokens (slots are in position order; holes are skipped) whose
+        # adjacent keys have cosine similarity >= threshold
+        slots = torch.arange(keys.shape[1], device=keys.device).expand_as(positions)
+        before = torch.where(valid, slots, -1).cummax(dim=1).values  # the last held slot at or before each slot
+        previous = torch.cat([before.new_full((before.shape[0], 1), -1), before[:, :-1]], dim=1)
+        adjacent = (unit * _rows(unit, previous.clamp_min(0))).sum(-1)
+        starts = valid & ((previous < 0) | (adjacent < self.threshold))
+        merging_set = starts.cumsum(dim=1)
+        similarity = _rows(unit, gone) @ unit.transpose(1, 2)  # (heads, gone, slots)
+        allowed = alive[:, None, :] & (merging_set[:, None, :] == merging_set.gather(1, gone)[:, :, None])
+        best, pivot = similarity.masked_fill(~(allowed & going[..., None]), float("-inf")).max(dim=-1)
+        merged = going & (best > float("-inf"))
+        pivot_keys = _rows(keys, pivot)
         spread = 2 * self.sigma ** 2 * pivot_keys.pow(2).sum(-1).clamp_min(1e-12)
-        weights = torch.where(merged, torch.exp(-(keys - pivot_keys).pow(2).sum(-1) / spread), 0.0)
-        slots = torch.arange(keys.shape[1], device=keys.device).expand_as(pivot)
-        layer.merge(pivot, slots, weights, torch.ones_like(weights))  # the pivot's own weight is exp(0) = 1
-        return torch.where(merged, layer.positions().gather(1, pivot), -1)
+        weights = torch.where(merged, torch.exp(-(_rows(keys, gone) - pivot_keys).pow(2).sum(-1) / spread), 0.0)
+        layer.merge(pivot, gone, weights, torch.ones(positions.shape, device=keys.device))  # the pivot: exp(0)
+        return torch.where(merged, positions.gather(1, pivot), -1)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (heads, slots, d) at index (heads, m) -> (heads, m, d)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

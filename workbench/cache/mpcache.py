@@ -69,26 +69,72 @@ class MPCache(SnapKV):
         if call.phase == "prefill":  # cluster what was kept, once
             keys, positions, newest = layer.held_keys(), layer.positions(), layer.newest(call)
             selectable = (positions >= self.sinks) & (positions <= newest - self.window)  # not sinks, not window
-            layer.state["clusters"] = [HeadClusters(keys[h, :n], selectable[h, :n], self.coarse, self.fine)
-                                       for h, n in enumerate(layer.held)]
+            clusters = [HeadClusters(keys[h, :n], selectable[h, :n], self.coarse, self.fine)
+                        for h, n in enumerate(layer.held)]
+            layer.state["clusters"] = clusters
+            layer.state["index"] = ClusterIndex.of(clusters)
 
     def visible(self, layer, call) -> torch.Tensor | None:
         """Bool (kv_heads, q, slots): per decoding query, the slots of the fine clusters it selects, the sinks, the
         observation window and every token after the prefill. Sets layer.state["selected_fraction"] (a 0-d
         tensor: the share of held slots the queries see)."""
-        clusters = layer.state.get("clusters")
-        if clusters is None or not call.decoding:
+        index = layer.state.get("index")
+        if index is None or not call.decoding:
             return None
-        groups, q_len = call.groups, call.num_queries
-        visible = torch.ones(len(clusters), q_len, layer.store.slots, dtype=torch.bool, device=call.query.device)
-        for head, index in enumerate(clusters):
-            n = index.labels.shape[0]
-            for row in range(q_len):
-                query = call.query[0, head * groups:(head + 1) * groups, row].float()
-                visible[head, row, :n] = index.select(query, self.top_coarse, self.top_fine) | (index.labels < 0)
+        if self.top_coarse >= index.coarse.shape[1] and self.top_fine >= index.fine.shape[1]:
+            return None  # every cluster is selected: plain attention
+        heads, q_len, slots = index.labels.shape[0], call.num_queries, layer.store.slots
+        visible = torch.ones(heads, q_len, slots, dtype=torch.bool, device=call.query.device)
+        n = index.labels.shape[1]
+        for row in range(q_len):
+            query = call.query[0, :, row].float().view(heads, call.groups, -1)  # each KV head's group of queries
+            visible[:, row, :n] = index.select(query, self.top_coarse, self.top_fine)
         held = layer.valid(call)[:, None, :]
         layer.state["selected_fraction"] = (visible & held).sum() / (held.sum() * q_len)
-        return None if bool((visible | ~held).all()) else visible  # everything selected: plain attention
+        return visible
+
+
+class ClusterIndex:
+    """Every KV head's clusters of one layer, padded to common sizes, so that all heads select at once."""
+
+    def __init__(self, labels, parents, coarse, fine, coarse_valid, fine_valid):
+        self.labels = labels  # (heads, n) long: fine cluster of each clustered slot (-1: always attended)
+        self.parents = parents  # (heads, F) long: the coarse cluster of each fine one
+        self.coarse, self.fine = coarse, fine  # (heads, C, d), (heads, F, d) centroids
+        self.coarse_valid, self.fine_valid = coarse_valid, fine_valid  # (heads, C), (heads, F) bool
+
+    @classmethod
+    def of(cls, clusters: list[HeadClusters]) -> ClusterIndex:
+        def pad(tensors, fill=0.0):
+            width = max(t.shape[0] for t in tensors)
+            out = tensors[0].new_full((len(tensors), width, *tensors[0].shape[1:]), fill)
+            valid = torch.zeros(len(tensors), width, dtype=torch.bool, device=out.device)
+            for h, t in enumerate(tensors):
+                out[h, :t.shape[0]], valid[h, :t.shape[0]] = t, True
+            return out, valid
+
+        labels, _ = pad([c.labels for c in clusters], -1)
+        parents, _ = pad([c.parents for c in clusters], 0)
+        coarse, coarse_valid = pad([c.coarse_centroids for c in clusters])
+        fine, fine_valid = pad([c.fine_centroids for c in clusters])
+        return cls(labels, parents, coarse, fine, coarse_valid, fine_valid)
+
+    def select(self, query: torch.Tensor, top_coarse: int, top_fine: int) -> torch.Tensor:
+        """Bool (heads, n): per head, the clustered slots in a fine cluster its query group (heads, group, d) selects
+        (the `top_coarse` coarse clusters by centroid score, then the `top_fine` best fine ones inside them), and
+        the always-attended slots."""
+        coarse = (query @ self.coarse.transpose(1, 2)).sum(1).masked_fill(~self.coarse_valid, float("-inf"))
+        chosen = _top(coarse, top_coarse)
+        fine = (query @ self.fine.transpose(1, 2)).sum(1)
+        eligible = chosen.gather(1, self.parents) & self.fine_valid
+        picked = _top(fine.masked_fill(~eligible, float("-inf")), top_fine)
+        return picked.gather(1, self.labels.clamp_min(0)) | (self.labels < 0)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool like scores (heads, n): each row's k best finite entries (fewer when fewer are finite)."""
+    best = scores.topk(min(k, scores.shape[1]), dim=1)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, best.indices, best.values > float("-inf"))
 
 
 def kmeans(points: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,15 +172,3 @@ class HeadClusters:
             parents += [c] * centroids.shape[0]
         self.fine_centroids = torch.cat(fine_centroids) if fine_centroids else points
         self.parents = torch.tensor(parents, dtype=torch.long, device=keys.device)
-
-    def select(self, query: torch.Tensor, top_coarse: int, top_fine: int) -> torch.Tensor:
-        """Bool per clustered slot: in a fine cluster that `query` (group heads, d) selects."""
-        if not len(self.parents):
-            return self.labels >= 0
-        coarse_scores = (query @ self.coarse_centroids.T).sum(0)
-        chosen = torch.topk(coarse_scores, min(top_coarse, len(coarse_scores))).indices
-        fine_scores = (query @ self.fine_centroids.T).sum(0)
-        fine_scores = fine_scores.masked_fill(~torch.isin(self.parents, chosen), float("-inf"))
-        best = torch.topk(fine_scores, min(top_fine, len(fine_scores)))
-        picked = best.indices.masked_fill(best.values == float("-inf"), -1)  # fewer eligible: no pick
-        return torch.isin(self.labels, picked)

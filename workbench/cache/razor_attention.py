@@ -51,6 +51,7 @@ class RazorAttention(EvictionPolicy):
 
     retrieval_heads: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     tentative = False  # folding entries cannot be undone: inside a provisional pass it evicts at commit
+    merges = True
 
     def validate(self) -> None:
         super().validate()
@@ -85,18 +86,16 @@ class RazorAttention(EvictionPolicy):
         stands_for = layer.extra("stands_for", 1.0)  # per entry: how many tokens it stands for
         return torch.where(stands_for > 1, torch.inf, layer.positions().float())  # recency; it always stays
 
-    def merge(self, layer, alive, valid, call) -> torch.Tensor:
+    def merge(self, layer, gone, going, alive, call) -> torch.Tensor:
         """Fold every dropped entry into the head's compensation token: the oldest unprotected kept entry."""
         stands_for = layer.extra("stands_for", 1.0)
         positions = layer.positions()
-        dropped = valid & ~alive
         unprotected = alive & (positions >= self.sinks) & (positions <= layer.newest(call) - self.window)
-        into = unprotected.int().argmax(-1, keepdim=True).expand_as(positions)  # the first such slot per head
-        weights = torch.where(dropped, stands_for, 0.0)
-        slots = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
-        layer.merge(into, slots, weights, stands_for)
-        stands_for.scatter_add_(1, into[:, :1], weights.sum(-1, keepdim=True))
-        return torch.where(dropped, positions.gather(1, into), -1)
+        into = unprotected.int().argmax(-1, keepdim=True)  # the first such slot per head (slots in position order)
+        weights = torch.where(going, stands_for.gather(1, gone), 0.0)
+        layer.merge(into.expand_as(gone), gone, weights, stands_for)
+        stands_for.scatter_add_(1, into, weights.sum(-1, keepdim=True))
+        return torch.where(going, positions.gather(1, into).expand_as(gone), -1)
 
 
 def induction_scores(probs: torch.Tensor, length: int, groups: int) -> torch.Tensor:

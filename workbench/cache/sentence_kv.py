@@ -74,60 +74,56 @@ class SentenceKV(EvictionPolicy):
     def layer_budgets(self, base, num_layers, prompt_length):
         return [sys.maxsize if base is None else base] * num_layers
 
-    def sentence_scores(self, keys: torch.Tensor, sentence: torch.Tensor, query: torch.Tensor):
-        """For one head: the sentence ids it holds, each token's index into them, and each sentence's score,
-        query (group heads, d) . the sentence's mean key, summed over the group's heads."""
-        ids, inverse = torch.unique(sentence, return_inverse=True)
-        sums = keys.new_zeros(len(ids), keys.shape[-1]).float().index_add_(0, inverse, keys.float())
-        counts = torch.bincount(inverse, minlength=len(ids)).clamp_min(1)
-        return ids, inverse, (query.float() @ (sums / counts[:, None]).T).sum(0)
+    def sentence_means(self, layer, sentence: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, sentences, d): each sentence's mean key over the slots `seen` (bool (kv_heads, slots)) per head."""
+        keys = layer.held_keys().float() * seen[..., None]
+        count = layer.cache.state["sentences"].count
+        sums = keys.new_zeros(keys.shape[0], count, keys.shape[-1]).scatter_add_(
+            1, sentence[..., None].expand_as(keys), keys)
+        counts = keys.new_zeros(keys.shape[0], count).scatter_add_(1, sentence, seen.float())
+        return sums / counts.clamp_min(1)[..., None]
+
+    def sentence_scores(self, layer, call, row: int, sentence: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, sentences): query row `row` . each sentence's mean key, summed over each KV head's group."""
+        query = call.query[0, :, row].float().view(sentence.shape[0], call.groups, -1)
+        return (query @ self.sentence_means(layer, sentence, seen).transpose(1, 2)).sum(1)
 
     def score(self, layer, call, result) -> torch.Tensor:
         """Per token: the rank of its sentence for the latest query (its own sentence ranks first), plus a
         fraction growing with position, so whole sentences go lowest first and a cut one keeps its latest tokens."""
-        sentences, groups = layer.cache.state["sentences"], call.groups
-        valid, positions, keys = layer.valid(call), layer.positions(), layer.held_keys()
-        scores = torch.full(positions.shape, float("-inf"), device=positions.device)
-        own = sentences.of(torch.tensor([layer.newest(call)], device=positions.device))[0]
-        for head in range(positions.shape[0]):
-            slots = valid[head]
-            held = positions[head][slots]
-            sentence = sentences.of(held)
-            query = call.query[0, head * groups:(head + 1) * groups, -1]
-            ids, inverse, by_sentence = self.sentence_scores(keys[head][slots], sentence, query)
-            by_sentence[ids == own] = float("inf")
-            rank = torch.empty(len(ids), dtype=torch.long, device=positions.device)
-            rank[by_sentence.argsort()] = torch.arange(len(ids), device=positions.device)
-            scores[head][slots] = rank[inverse].float() + held.float() / (held.max().float() + 1)
-        return scores
+        sentences = layer.cache.state["sentences"]
+        valid, positions = layer.valid(call), layer.positions()
+        sentence = sentences.of(positions.clamp_min(0))
+        newest = layer.newest(call)
+        by_sentence = self.sentence_scores(layer, call, call.num_queries - 1, sentence, valid)
+        by_sentence[:, sentences.of_position(newest)] = float("inf")
+        rank = by_sentence.argsort(dim=1).argsort(dim=1).float()  # the rank of each sentence's score
+        return rank.gather(1, sentence) + positions.float() / (newest + 1)
 
     def visible(self, layer, call) -> torch.Tensor | None:
         """Bool (kv_heads, q, slots): per decoding query, its sinks, its recent window, its own sentence and the
         `top_sentences` best other sentences. Sets layer.state["selected_fraction"] (a 0-d tensor)."""
-        if not call.decoding:
-            return None
-        sentences, groups = layer.cache.state["sentences"], call.groups
-        valid, positions, keys = layer.valid(), layer.positions(), layer.held_keys()
+        sentences = layer.cache.state["sentences"]
+        if not call.decoding or self.top_sentences >= sentences.count:
+            return None  # not decoding, or every sentence is selected: plain attention
+        valid, positions = layer.valid(call), layer.positions()
+        sentence = sentences.of(positions.clamp_min(0))
         visible = torch.zeros(positions.shape[0], call.num_queries, positions.shape[1], dtype=torch.bool,
                               device=positions.device)
         for row in range(call.num_queries):
             now = call.start + row
-            own = sentences.of(torch.tensor([now], device=positions.device))[0]
-            for head in range(positions.shape[0]):
-                slots = valid[head] & (positions[head] <= now)
-                held = positions[head][slots]
-                sentence = sentences.of(held)
-                query = call.query[0, head * groups:(head + 1) * groups, row]
-                ids, inverse, by_sentence = self.sentence_scores(keys[head][slots], sentence, query)
-                always = (held < self.sinks) | (held > now - self.window) | (sentence == own)
-                hidden = torch.bincount(inverse[~always], minlength=len(ids)) > 0  # sentences not fully visible
-                by_sentence = by_sentence.masked_fill(~hidden, float("-inf"))
-                best = torch.topk(by_sentence, min(self.top_sentences, len(ids)))
-                chosen = best.indices[best.values > float("-inf")]
-                visible[head, row, slots] = always | torch.isin(inverse, chosen)
-        held = layer.valid(call)[:, None, :]
+            seen = valid & (positions <= now)
+            always = seen & ((positions < self.sinks) | (positions > now - self.window)
+                             | (sentence == sentences.of_position(now)))
+            partial = torch.zeros(sentence.shape[0], sentences.count, device=positions.device).scatter_add_(
+                1, sentence, (seen & ~always).float()) > 0  # sentences not fully visible anyway
+            scores = self.sentence_scores(layer, call, row, sentence, seen).masked_fill(~partial, float("-inf"))
+            best = scores.topk(min(self.top_sentences, sentences.count), dim=1)
+            chosen = torch.zeros_like(partial).scatter_(1, best.indices, best.values > float("-inf"))
+            visible[:, row] = always | (seen & chosen.gather(1, sentence))
+        held = valid[:, None, :]
         layer.state["selected_fraction"] = (visible & held).sum() / (held.sum() * call.num_queries)
-        return None if bool((visible | ~held).all()) else visible  # everything selected: plain attention
+        return visible
 
 
 class Sentences:
@@ -138,6 +134,12 @@ class Sentences:
         self.ends: dict[int, bool] = {}  # token id -> whether it ends a sentence
         self.ids: list[int] = []  # per position
         self.closed: list[bool] = []  # per position: its token ends its sentence
+        self._tensor: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """Sentence ids given so far (the last may still be open)."""
+        return self.ids[-1] + 1 if self.ids else 0
 
     def ends_sentence(self, token_id: int) -> bool:
         if token_id not in self.ends:
@@ -152,8 +154,13 @@ class Sentences:
         for token_id in token_ids:
             self.ids.append(0 if not self.ids else self.ids[-1] + self.closed[-1])
             self.closed.append(self.ends_sentence(token_id))
+        self._tensor = None
+
+    def of_position(self, position: int) -> int:
+        return self.ids[position]
 
     def of(self, positions: torch.Tensor) -> torch.Tensor:
-        if len(positions) and int(positions.max()) >= len(self.ids):
-            raise WorkbenchError("cache 'sentence_kv' needs the token ids of every forward pass to find sentences")
-        return torch.tensor(self.ids, dtype=torch.long, device=positions.device)[positions]
+        """The sentence id at each position (a tensor of positions, any shape)."""
+        if self._tensor is None or self._tensor.device != positions.device:
+            self._tensor = torch.tensor(self.ids, dtype=torch.long, device=positions.device)
+        return self._tensor[positions]
