@@ -160,8 +160,17 @@ class DenseStore:
         self_weights           -- (kv_heads, slots) the weight of each slot's own entry"""
         span = self.slots
         for buffer in (self.keys, self.values):
-            rows = buffer[:, :span].float()
-            picked = rows.gather(1, sources[..., None].expand(-1, -1, rows.shape[-1]))
+            rows = buffer[:, :span]
+            if into.shape[1] == 1:  # one merge per head (decoding at a budget): only the target rows change
+                target = _pick(rows, into).float()
+                weight = weights[..., None]
+                own = self_weights.gather(1, into)[..., None]
+                merged = (own * target + weight * _pick(rows, sources).float()) / (own + weight)
+                rows.scatter_(1, into[..., None].expand_as(target), torch.where(weight > 0, merged, target)
+                              .to(buffer.dtype))
+                continue
+            rows = rows.float()
+            picked = _pick(rows, sources)
             numerator = (rows * self_weights[..., None]).scatter_add(
                 1, into[..., None].expand(-1, -1, rows.shape[-1]), picked * weights[..., None])
             denominator = self_weights.scatter_add(1, into, weights)
@@ -206,6 +215,11 @@ class DenseStore:
     def restore_extras(self, saved: dict[str, torch.Tensor]) -> None:
         for name, tensor in saved.items():
             self.extras[name][:, :tensor.shape[1]] = tensor
+
+
+def _pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows (heads, slots, d) at index (heads, m) -> (heads, m, d)."""
+    return rows.gather(1, index[..., None].expand(-1, -1, rows.shape[-1]))
 
 
 def _take(buffer: torch.Tensor, flat: torch.Tensor, heads: int, width: int) -> torch.Tensor:

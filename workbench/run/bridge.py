@@ -68,6 +68,8 @@ class Binding:
         call = AttentionCall(layer, query, key, value, hf_mask, scaling if scaling is not None else
                              query.shape[-1] ** -0.5, module, kwargs, phase=forward.phase, start=forward.start)
         observer, cache = self.observer, self.cache
+        if observer is None and (cache is None or not cache.policy.needs_bridge):  # nothing to observe or decide
+            return self.variant.attend(call, frozenset()).output
         want = observer.wants(layer) if observer is not None else frozenset()
         fidelity, want = FIDELITY in want, want - {FIDELITY}
         if "probs" in want and hasattr(observer, "probs_heads"):
