@@ -302,8 +302,8 @@ class CacheLayer(CacheLayerMixin):
         self.crop_to(position)
         if tail is not None:
             self.restore(accepted[-1].snapshot if accepted else tail.before)
-            if not tail.rows:  # a policy that does not act while decoding saw no rows: count the steps here
-                self.state["decode_steps"] += position - tail.start
+            if not tail.rows and policy.needs_bridge:  # a policy that saw no rows (it does not act while decoding)
+                self.state["decode_steps"] += position - tail.start  # still counts the steps (a full cache has none)
         if any(self.hidden_count):  # free what the adopted state hid
             hidden = self.store.extra("hidden", False, torch.bool)
             valid = self.positions() >= 0
