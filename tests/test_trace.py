@@ -116,3 +116,69 @@ def test_attention_rows_of_evicting_caches_are_over_positions(tiny_models, polic
         gone = (evicted_at >= 0) & (evicted_at < step)  # evicted by an earlier step
         gone_per_head = gone[:, trace["kv_head_of"].values, :n_prompt + step]
         assert gone_per_head.any() and (seen[gone_per_head] == 0).all()
+
+
+def test_the_readme_table_is_the_schema(tiny_llama):
+    """The README's table of trace variables is generated from the declarations (workbench.trace.schema)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert wb.trace.schema.markdown_table() in readme
+    run = wb.generate(tiny_llama, PROMPT, max_new_tokens=2, record=list(wb.RECORDABLE))
+    declared = wb.trace.schema.variables(set(wb.RECORDABLE))
+    assert set(run.trace.data_vars) <= {v.name for v in declared}  # nothing undeclared reaches a trace
+    for variable in declared:
+        if variable.name in run.trace:
+            assert run.trace[variable.name].dims == variable.full_dims
+            assert run.trace[variable.name].attrs["units"] == variable.units
+
+
+@pytest.fixture
+def telemetry():
+    """A record option and variable a test component declares, removed again afterwards."""
+    schema = wb.trace.schema
+    schema.option("test_telemetry", "a variable a test decoder declares")
+    schema.declare("draft_length", ("step",), "tokens", "tokens a decoder proposed at this step", "test_telemetry",
+                   "a test decoder", "int64")
+    yield
+    del schema.VARIABLES["draft_length"], schema.OPTIONS["test_telemetry"]
+
+
+def test_components_declare_their_own_variables_and_record_them(tiny_llama, telemetry):
+
+    class Counting(wb.decode.Greedy):
+        name = "counting"
+
+        def step(self, ctx):
+            ctx.record("draft_length", 3)
+            return super().step(ctx)
+
+    run = wb.generate(tiny_llama, PROMPT, decoder=Counting(), max_new_tokens=4, record=["test_telemetry"])
+    assert run.steps["draft_length"].values.tolist() == [3, 3, 3, 3]
+    assert run.steps["draft_length"].attrs["description"] == "tokens a decoder proposed at this step"
+    with pytest.raises(wb.ParameterError, match="no trace variable 'undeclared'"):
+        wb.run.StepContext(None, None, [], None, wb.trace.Recorder(wb.trace.RecordSpec(), 2, 4)).record(
+            "undeclared", 1)
+
+
+def test_a_step_records_the_pass_that_chose_it_not_the_look_aheads_after_it(tiny_llama):
+    """A decoder that rolls out (and rolls back) a look-ahead each step but picks greedily records the same
+    per-step values as plain greedy decoding: each step points at the forward pass whose logits chose it."""
+    class Peeking(wb.decode.Greedy):
+        name = "peeking"
+
+        def step(self, ctx):
+            logits = ctx.logits
+            mark = ctx.session.mark()
+            ctx.session.feed([int(logits.argmax())], "rollout")
+            ctx.session.rollback(mark)
+            return [int(logits.argmax())]
+
+    record = ["entropy", "attention"]
+    plain = wb.generate(tiny_llama, PROMPT, max_new_tokens=5, ignore_eos=True, record=record)
+    peeking = wb.generate(tiny_llama, PROMPT, decoder=Peeking(), max_new_tokens=5, ignore_eos=True, record=record)
+    assert peeking.token_ids == plain.token_ids
+    phases = peeking.steps["forward_phase"].values
+    assert [phases[f] for f in peeking.steps["forward_of_step"].values] == ["prefill"] + ["decode"] * 4
+    for name in ("entropy", "attention_entropy", "attention"):
+        np.testing.assert_allclose(peeking.steps[name].values, plain.steps[name].values, atol=1e-6, equal_nan=True)

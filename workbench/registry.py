@@ -56,12 +56,14 @@ class Component:
       name     -- the registry name, e.g. "sdpa"
       summary  -- one line saying what it does
       paper    -- the paper it implements (title, venue/year), or None for plain references
+      departs  -- where it departs from that paper (None: it does what the paper's reference does)
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = "component"
     summary: ClassVar[str] = ""
     paper: ClassVar[str | None] = None
+    departs: ClassVar[str | None] = None  # where it departs from the paper (shown by describe())
 
     def __post_init__(self) -> None:
         for spec in self.parameters():
@@ -89,6 +91,8 @@ class Component:
         lines = [f"{self.family} '{self.name}': {self.summary}"]
         if self.paper:
             lines.append(f"  paper: {self.paper}")
+        if self.departs:
+            lines.append(f"  departs from the paper: {self.departs}")
         specs = self.parameters()
         if specs:
             lines.append("  parameters:")

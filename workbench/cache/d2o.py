@@ -19,6 +19,11 @@ Dynamic Discriminative Operations decide at two levels:
 Simplified against the paper: the density is a normalised entropy (the paper measures the variance of attention
 weights per layer) and the allocation is a plain proportional share; merge decisions are final at eviction time
 (the paper can still recall recently discarded tokens); merged tokens keep their own accumulated score.
+
+Inside a verify or rollout pass (see workbench.cache.kvcache) this policy evicts once, at commit: its merges change
+kept keys and values and cannot be tentative, so the pass's rows see the cache as it was before the pass's own
+evictions, and commit observes the accepted rows and evicts once. tests/test_transactions.py measures the KL this
+costs against feeding the same tokens one by one.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class D2O(H2O):
                "most similar kept token when the key similarity clears an EMA threshold.")
     paper = ("D2O: Dynamic Discriminative Operations for Efficient Generative Inference of Large Language Models "
              "(Wan et al., arXiv 2024)")
+    departs = ("density is a normalised entropy and the allocation a plain proportional share; merge decisions are "
+          "final; inside a verify or rollout pass it evicts once, at commit (merges cannot be tentative)")
 
     beta: float = param(0.7, "EMA weight of the past merge threshold (the rest: this eviction's mean similarity)",
                         min=0.0, max=1.0)

@@ -18,6 +18,11 @@ set into its highest-attention pivot, the set being the unit of compression; her
 kept and the sets only decide where evicted tokens go (a set may hold several pivots; each evicted token picks the
 most similar). The kernel width is relative to the pivot's norm so one `sigma` suits any key scale. Merged tokens
 carry no count of what they absorbed (no attention re-weighting) and keep their own accumulated score.
+
+Inside a verify or rollout pass (see workbench.cache.kvcache) this policy evicts once, at commit: its merges change
+kept keys and values and cannot be tentative, so the pass's rows see the cache as it was before the pass's own
+evictions, and commit observes the accepted rows and evicts once. tests/test_transactions.py measures the KL this
+costs against feeding the same tokens one by one.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class KVMerger(H2O):
                "token of its run of similar consecutive keys instead of being dropped.")
     paper = ("Model Tells You Where to Merge: Adaptive KV Cache Merging for LLMs on Long-Context Tasks "
              "(Wang, Jin, Yu, Zhang, arXiv 2024)")
+    departs = ("merging sets only decide where evicted tokens go (H2O's score decides what is kept); inside a "
+               "verify or rollout pass it evicts once, at commit (merges cannot be tentative), so the verify rows see "
+               "the cache before that pass's evictions")
 
     threshold: float = param(0.8, "consecutive tokens whose keys have at least this cosine similarity form a "
                                   "merging set", min=-1.0, max=1.0)

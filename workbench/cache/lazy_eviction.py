@@ -37,6 +37,8 @@ class LazyEviction(EvictionPolicy):
                "evict overdue tokens first (quiet longer than their MRI), then the furthest predicted recurrence.")
     paper = ("LazyEviction: Lagged KV Eviction with Attention Pattern Observation for Efficient Long Reasoning "
              "(Zhang et al., arXiv 2506.15969, 2025)")
+    departs = ("our reading of the abstract: significance by a mean threshold, entry into the cache as the "
+                     "first occurrence, the latest predicted recurrence evicted first")
 
     window: int = param(16, "most recent tokens always kept", min=0)
     every: int = param(8, "observation window: evict every this many decoding steps (the cache may exceed the "

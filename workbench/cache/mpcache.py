@@ -42,6 +42,8 @@ class MPCache(SnapKV):
                "key clusters (coarse, then fine k-means) whose centroids it scores highest, plus sinks and recent.")
     paper = ("MPCache: MPC-Friendly KV Cache Eviction for Efficient Private Large Language Model Inference "
              "(Zeng et al., arXiv 2025)")
+    departs = ("exact dot products (no MPC-friendly approximation), no cross-layer index sharing, clusters built "
+               "once and never updated, tokens after the prefill always attended, deterministic k-means")
 
     sinks: int = param(4, "first tokens always kept and attended", min=0)
     compress: str = param("prefill", "when to evict: MPCache evicts once, at the prefill", choices=("prefill",))

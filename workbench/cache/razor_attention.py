@@ -13,6 +13,11 @@ is folded into the compensation token, a running mean weighted by how many token
 trace's `cache_merged_into` names the compensation token's position.
 Simplifications: induction scoring only (the paper also protects "echo" heads); the compensation token is
 attended like any other key (the base offers no per-slot score bias for the number of tokens it stands for).
+
+Inside a verify or rollout pass (see workbench.cache.kvcache) this policy evicts once, at commit: its merges change
+kept keys and values and cannot be tentative, so the pass's rows see the cache as it was before the pass's own
+evictions, and commit observes the accepted rows and evicts once. tests/test_transactions.py measures the KL this
+costs against feeding the same tokens one by one.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class RazorAttention(EvictionPolicy):
                "local window and one compensation token averaging what they dropped.")
     paper = ("RazorAttention: Efficient KV Cache Compression Through Retrieval Heads "
              "(Tang et al., ICLR 2025)")
+    departs = ("induction scoring only (no echo heads); the compensation token is attended like any key; inside a "
+                      "verify or rollout pass it evicts once, at commit; a layer with a retrieval head allocates that "
+                      "head's length for all its KV heads (one padded buffer per layer), and the bytes say so")
 
     budget: int = param(128, "tokens a non-retrieval head keeps: sinks + compensation token + the most recent",
                         min=2)

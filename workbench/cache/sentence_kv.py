@@ -43,6 +43,8 @@ class SentenceKV(EvictionPolicy):
                "whose mean key it matches best, plus sinks, the recent window and its own sentence.")
     paper = ("SentenceKV: Efficient LLM Inference via Sentence-Level Semantic KV Caching "
              "(Zhu et al., arXiv 2025)")
+    departs = ("sentences split by punctuation (not semantic grouping), summaries recomputed from the held "
+                   "keys, a fixed number of sentences selected; without a budget nothing is offloaded or evicted")
 
     budget: int | None = param(None, "tokens kept per layer and KV head, evicting whole low-scoring sentences; "
                                      "None: keep every token (SentenceKV offloads rather than evicts)", min=1)

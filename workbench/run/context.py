@@ -18,12 +18,14 @@ class StepContext:
         self.recorder = recorder
         self._logits = logits
         self._entropy = None
+        self.logits_forward = session.forwards - 1 if logits is not None else None  # the pass that gave them
 
     @property
     def logits(self) -> torch.Tensor:
         """Float32 (vocab,): the next-token logits after everything chosen so far (feeds `pending` if needed)."""
         if self._logits is None:
             self._logits = self.session.feed(self.pending, "decode")[-1]
+            self.logits_forward = self.session.forwards - 1
             self.pending = []
         return self._logits
 

@@ -113,7 +113,7 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
             _check_step(decoder, session, tokens, len(prompt_ids[0]) + len(generated))
             seconds = time.perf_counter() - started  # int(...) in the decoder waited for the device
             records = recorder.end_step(first_logits, ctx.entropy if "entropy" in recorder.spec.names else None,
-                                        kv, seconds)
+                                        kv, seconds, ctx.logits_forward)
             for token_id in tokens[:max_new_tokens - len(generated)]:
                 generated.append(token_id)
                 finished = token_id in stop_ids or len(generated) == max_new_tokens

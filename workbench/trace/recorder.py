@@ -122,7 +122,7 @@ class Recorder:
         # (step, layer, kv_head, evicted positions, positions they were merged into or None)
         self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         self._layer: dict[str, dict[int, torch.Tensor]] = {"entropy": {}, "probs": {}, "recall": {}, "error": {}}
-        self._latest: dict[str, np.ndarray] = {}  # the latest forward pass's rows, per statistic
+        self._rows: dict[int, dict[str, np.ndarray]] = {}  # forward index -> its rows per statistic, until a step
 
     # -- writing variables ----------------------------------------------------------------------------------
     def record(self, name: str, value) -> None:
@@ -184,19 +184,22 @@ class Recorder:
                 self.record("prompt_attention", latest["probs"])
             if "recall" in latest:
                 self.record("prompt_attention_recall", latest["recall"])
-        self._latest = latest
+        if latest:
+            self._rows[self.forwards - 1] = latest
         for per_layer in layers.values():
             per_layer.clear()
 
     # -- after every step -------------------------------------------------------------------------------------
-    def end_step(self, logits: torch.Tensor, entropy, cache, seconds: float) -> dict[str, Any]:
+    def end_step(self, logits: torch.Tensor, entropy, cache, seconds: float, forward: int | None = None) -> dict:
         """Store this step's records and return them (for the stream callback). `logits` (vocab,) float32 chose
-        the step's first token, from the last row of the latest forward pass; `entropy` is its entropy (a 0-d
-        tensor computed once for the step, or None)."""
+        the step's first token, from the last row of forward pass `forward` (default: the latest); `entropy` is
+        its entropy (a 0-d tensor computed once for the step, or None)."""
         records: dict[str, Any] = {"seconds": seconds}
         self.record("step_seconds", seconds)
-        self.forward_of_step.append(self.forwards - 1)
-        latest = self._latest
+        forward = self.forwards - 1 if forward is None else forward
+        self.forward_of_step.append(forward)
+        latest = self._rows.get(forward, {})
+        self._rows = {}  # passes after it (look-aheads) chose nothing
         if entropy is not None and "entropy" in self.enabled:
             records["entropy"] = float(entropy)
             self.record("entropy", records["entropy"])
