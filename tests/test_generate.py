@@ -182,3 +182,22 @@ def test_run_summary_and_timings(tiny_llama):
     assert run.tokens_per_s > 0 and run.prefill_seconds > 0
     assert summary["config"]["decoder"] == "greedy" and summary["config"]["record"] == ["entropy"]
     assert len(summary["entropy"]["attention_mean_by_layer"]) == tiny_llama.num_layers
+
+
+def test_transformers_crop_drops_the_newest_tokens_of_a_full_cache(tiny_llama):
+    """transformers' Cache.crop (what assisted decoding calls on rejected draft tokens) on a workbench cache:
+    the full cache forgets them (and then decodes as if they were never fed); an evicting cache only rolls back
+    provisional tokens."""
+    ids = tiny_llama.encode(RAW)
+    with wb.Session(tiny_llama, "full") as session, wb.Session(tiny_llama, "full") as reference:
+        session.feed(ids, "prefill")
+        reference.feed(ids, "prefill")
+        session.feed([5, 6, 7], "decode")
+        session.cache.crop(-3)
+        assert session.position == session.committed == ids.shape[1]
+        torch.testing.assert_close(session.feed([9], "decode"), reference.feed([9], "decode"))
+    with wb.Session(tiny_llama, wb.cache.get("h2o", budget=24, window=4)) as session:
+        session.feed(ids, "prefill")
+        session.feed([5], "decode")
+        with pytest.raises(wb.WorkbenchError, match="only the provisional tokens"):
+            session.cache.crop(-1)

@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from workbench.attention.base import PHASES, PROVISIONAL
-from workbench.cache.storage import DenseStore
+from workbench.cache.storage import DenseStore, slack
 from workbench.errors import WorkbenchError
 
 
@@ -127,9 +127,7 @@ class CacheLayer(CacheLayerMixin):
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
-        """transformers' crop (assisted generation): a negative count drops that many newest tokens, a positive
-        one is the length to keep; both are a rollback here."""
-        self.cache.rollback(self.next_position + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
+        self.cache.crop(tokens_to_remove)
 
     def reset(self) -> None:
         raise WorkbenchError("a workbench cache is not reused across runs: build a fresh one with policy.build(model)")
@@ -215,7 +213,7 @@ class CacheLayer(CacheLayerMixin):
              merged_into: torch.Tensor | None = None) -> None:
         """Let one slot per head go (slot: long (kv_heads, 1); `dropping`: per head 1 or 0, None for all), the
         steady state of decoding at a budget. The slot is freed in place (a hole the slot mask hides)
-        and holes are compacted once there are an eighth of the held tokens of them (at least 4), so a step costs
+        and holes are compacted before they would outgrow the buffer's slack (at least every 4), so a step costs
         a few small ops instead of moving the whole cache; inside a provisional tail it is only hidden.
         merged_into -- long (kv_heads, 1): the position the dropped entry was merged into (-1: none), for the trace."""
         positions = self.store.positions
@@ -238,7 +236,7 @@ class CacheLayer(CacheLayerMixin):
             return
         self.freed = [f + d for f, d in zip(self.freed, dropping)]
         held = self.held
-        if max(self.freed) >= max(4, min(held) // 8):
+        if max(self.freed) >= min(max(4, min(held) // 8), slack(min(held)) - 1):
             self.store.keep(self.positions() >= 0, held)
             self.freed = [0] * len(self.freed)
 
@@ -383,6 +381,20 @@ class KVCache(Cache):
             for layer in self.layers:
                 layer.commit(position, self.policy)
         self.committed = position
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' crop (assisted generation drops rejected draft tokens it fed as ordinary passes): a
+        negative count drops that many newest tokens, a positive one is the length to keep. Only a cache whose
+        policy never acts on attention (the full cache) can forget committed tokens; the others roll back the
+        provisional tail only (a session's verify pass is the way to check a draft)."""
+        position = self.position + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+        if position < self.committed and not self.policy.needs_bridge:
+            with torch.inference_mode():
+                for layer in self.layers:
+                    layer.crop_to(position)
+            self.committed = position
+            return
+        self.rollback(position)
 
     def rollback(self, position: int) -> None:
         """Return to the state at `position` (a committed position, or one inside the open tail)."""

@@ -16,7 +16,7 @@ known on the host, so nothing has to ask the device how much is held). What a st
 
 `DenseStore` keeps every head in lockstep (one length; a full cache, or a policy that keeps the same tokens on
 every head); `RaggedStore` lets each head keep its own count (per-head eviction). A buffer grows to what it must
-hold plus some slack (`slack`: an eighth, at least 16 slots) when full, and shrinks when a policy frees more than
+hold plus some slack (`slack`: a sixteenth, at least 8 slots) when full, and shrinks when a policy frees more than
 twice that, so appending costs no copy most steps and a cache that evicts really holds fewer bytes.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 def slack(n: int) -> int:
     """Spare slots per head a buffer holding n tokens is given when it grows or shrinks."""
-    return max(16, n // 8)
+    return max(8, n // 16)
 
 
 class DenseStore:
