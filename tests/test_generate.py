@@ -201,3 +201,30 @@ def test_transformers_crop_drops_the_newest_tokens_of_a_full_cache(tiny_llama):
         session.feed([5], "decode")
         with pytest.raises(wb.WorkbenchError, match="only the provisional tokens"):
             session.cache.crop(-1)
+
+
+def test_the_cache_slot_mask_combines_with_transformers_own_mask():
+    """A sliding-window model (window 8) under StreamingLLM at budget 24: every position a query's window can see
+    is still held, so the run equals the unmodified model exactly, although the cache evicted (its slot mask is
+    transformers' sliding mask read at the held positions; replacing that mask would let queries see 24 keys)."""
+    model = wb.tiny("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 2
+    tokens, logits = hf_greedy(model, prompt, 8)
+    run = wb.generate(model, prompt, cache=wb.cache.get("streaming_llm", budget=24, sinks=0), max_new_tokens=8,
+                      record=["logits", "cache"])
+    assert (run.steps["cache_evicted_at"] >= 0).any()  # it did evict
+    assert run.token_ids == tokens
+    torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values[:, :logits.shape[1]]), logits,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_attention_modules_without_a_layer_index_are_refused(tiny_llama):
+    from types import SimpleNamespace
+
+    from workbench.cache.kvcache import ForwardPass
+    from workbench.run.bridge import Binding
+
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(wb.WorkbenchError, match="has no layer_idx"):
+        Binding(wb.attention.get("sdpa")).attend(SimpleNamespace(), q, q[:, :2], q[:, :2], None, None, {},
+                                                 ForwardPass("prefill", 0, 1))
