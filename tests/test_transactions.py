@@ -199,3 +199,45 @@ def test_the_phase_travels_to_the_cache_and_the_attention_variant(model):
         session.commit(1)
         session.feed([7, 8], "append")
     assert seen == [("prefill", 0, 3), ("decode", 3, 1), ("verify", 4, 2), ("append", 5, 2)]
+
+
+def test_a_speculative_step_in_one_verify_pass_is_lossless_under_greedy(model):
+    """A decoder that feeds the pending token together with a draft as one verify pass, accepts the longest prefix
+    greedy agrees with and commits it, produces exactly greedy's tokens, with fewer forward passes than tokens.
+    The draft proposes greedy's own next tokens with every third one wrong (so both acceptance and rejection)."""
+    prompt = "Rollbacks must restore every byte. " * 2
+    prompt_length = model.encode(prompt).shape[1]
+
+    class Drafting(wb.decode.Greedy):
+        name = "drafting"
+
+        def __init__(self, oracle):
+            self.oracle = oracle
+
+        def step(self, ctx):
+            pending = ctx.take_pending()
+            if not pending:  # the first step: the prefill's logits
+                return super().step(ctx)
+            done = ctx.session.position - prompt_length + 1  # tokens generated so far
+            draft = [t if (done + i) % 3 else (t + 1) % 256 for i, t in enumerate(self.oracle[done:done + 3])]
+            rows = ctx.session.feed(pending + draft, "verify")
+            ctx.chose_from(rows[0])
+            chosen = [int(rows[0].argmax())]
+            for i, token in enumerate(draft):
+                if chosen[-1] != token:
+                    break
+                chosen.append(int(rows[i + 1].argmax()))
+            ctx.session.commit(len(chosen))  # the pending token and the accepted draft tokens
+            return chosen
+
+    for cache in ("full", wb.cache.get("h2o", budget=24, window=4)):
+        greedy_run = wb.generate(model, prompt, cache=cache, max_new_tokens=40, ignore_eos=True)
+        fast = wb.generate(model, prompt, cache=cache, decoder=Drafting(greedy_run.token_ids + [0] * 3),
+                           max_new_tokens=24, ignore_eos=True, record=["entropy", "fidelity"])
+        assert fast.token_ids == greedy_run.token_ids[:24]
+        steps = fast.steps
+        assert steps.sizes["step"] == 24 and steps.sizes["forward"] < 20  # drafts were accepted
+        measured = steps["entropy"].values >= 0  # the first token of each step; NaN for accepted draft tokens
+        assert measured.sum() == len(set(steps["forward_of_step"].values)) < 24
+        if cache == "full":  # the measured steps are the dense model's own distributions
+            assert (steps["kl_vs_dense"].values[measured] < 1e-4).all()

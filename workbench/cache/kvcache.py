@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from workbench.attention.base import PHASES, PROVISIONAL
-from workbench.cache.storage import DenseStore, slack
+from workbench.cache.storage import DenseStore, holes_allowed
 from workbench.errors import WorkbenchError
 
 
@@ -193,11 +193,11 @@ class CacheLayer(CacheLayerMixin):
         valid = self.valid(call)
         dropped = valid & ~alive
         if self.tail is not None:
+            if merged_into is not None:
+                raise WorkbenchError("merges cannot be tentative: a merging policy evicts at commit")
             hidden = self.store.extra("hidden", False, torch.bool)
             hidden |= dropped
             self.hidden_count = [h + n - c for h, n, c in zip(self.hidden_count, self.held_at(call), counts)]
-            if merged_into is not None:
-                raise WorkbenchError("merges cannot be tentative: a merging policy evicts at commit")
             return
         self._compact(valid, (self.positions() >= 0) & ~dropped, list(counts), merged_into)
 
@@ -213,7 +213,7 @@ class CacheLayer(CacheLayerMixin):
              merged_into: torch.Tensor | None = None) -> None:
         """Let one slot per head go (slot: long (kv_heads, 1); `dropping`: per head 1 or 0, None for all), the
         steady state of decoding at a budget. The slot is freed in place (a hole the slot mask hides)
-        and holes are compacted before they would outgrow the buffer's slack (at least every 4), so a step costs
+        and holes are compacted once there are `holes_allowed` of them, so a step costs
         a few small ops instead of moving the whole cache; inside a provisional tail it is only hidden.
         merged_into -- long (kv_heads, 1): the position the dropped entry was merged into (-1: none), for the trace."""
         positions = self.store.positions
@@ -236,7 +236,7 @@ class CacheLayer(CacheLayerMixin):
             return
         self.freed = [f + d for f, d in zip(self.freed, dropping)]
         held = self.held
-        if max(self.freed) >= min(max(4, min(held) // 8), slack(min(held)) - 1):
+        if max(self.freed) >= holes_allowed(min(held)):
             self.store.keep(self.positions() >= 0, held)
             self.freed = [0] * len(self.freed)
 

@@ -30,6 +30,12 @@ def slack(n: int) -> int:
     return max(8, n // 16)
 
 
+def holes_allowed(n: int) -> int:
+    """Holes (slots freed one at a time) a head holding n tokens may have before they are compacted: at most an
+    eighth of n (at least 4), and fewer than the slack, so that holes plus the next token never grow the buffer."""
+    return min(max(4, n // 8), slack(n) - 1)
+
+
 class DenseStore:
     """Keys and values of one layer, every KV head holding the same number of slots."""
 
@@ -43,6 +49,7 @@ class DenseStore:
         self.identity = True  # slot i holds position i on every head (nothing dropped or reordered)
         self.extras: dict[str, torch.Tensor] = {}  # name -> (kv_heads, capacity, ...) aligned with the slots
         self._fills: dict[str, float] = {}
+        self._offsets, self._offsets_for = None, None  # cached (kv_heads, 1) row offsets for one capacity
 
     # -- shape ------------------------------------------------------------------------------------------------
     @property
@@ -62,7 +69,8 @@ class DenseStore:
         """Slots a view spans: the longest head."""
         return max(self.lengths, default=0)
 
-    def _allocate(self, like_keys: torch.Tensor, like_values: torch.Tensor, capacity: int) -> None:
+    def _allocate(self, like_keys: torch.Tensor, like_values: torch.Tensor, capacity: int, copy: bool = True) -> None:
+        """New buffers of `capacity` slots per head; `copy`: with the slots held so far copied over."""
         heads = like_keys.shape[0]
         old = (self.keys, self.values, self.positions, dict(self.extras))
         self.keys = like_keys.new_zeros((heads, capacity, like_keys.shape[-1]))
@@ -70,7 +78,7 @@ class DenseStore:
         self.positions = torch.full((heads, capacity), -1, dtype=torch.long, device=like_keys.device)
         for name, tensor in old[3].items():
             self.extras[name] = tensor.new_full((heads, capacity, *tensor.shape[2:]), self._fills[name])
-        if old[0] is not None:
+        if copy and old[0] is not None:
             n = min(self.slots, capacity)
             self.keys[:, :n], self.values[:, :n], self.positions[:, :n] = old[0][:, :n], old[1][:, :n], old[2][:, :n]
             for name, tensor in old[3].items():
@@ -119,12 +127,9 @@ class DenseStore:
         flat = (index + self._head_offsets()).reshape(-1)  # rows of the (heads * capacity) flattened buffers
         taken = [_take(buffer, flat, heads, width) for buffer in (self.keys, self.values, self.positions)]
         extras = {name: _take(t, flat, heads, width) for name, t in self.extras.items()}
-        if self.capacity > width + 2 * slack(width):  # much of the buffer was freed: really give the memory back
-            self.keys = self.values = self.positions = None
-            self.extras = {name: t[:, :0] for name, t in self.extras.items()}
-            self.lengths = [0] * len(lengths)
-            self._allocate(taken[0], taken[1], width + slack(width))
         span = self.slots
+        if self.capacity > width + 2 * slack(width):  # much of the buffer was freed: really give the memory back
+            self._allocate(taken[0], taken[1], width + slack(width), copy=False)
         self.keys[:, :width], self.values[:, :width], self.positions[:, :width] = taken
         for name, tensor in extras.items():
             self.extras[name][:, :width] = tensor
@@ -138,7 +143,7 @@ class DenseStore:
 
     def _head_offsets(self) -> torch.Tensor:
         """(kv_heads, 1): where each head's rows start in the flattened buffers."""
-        if getattr(self, "_offsets_for", None) != (self.capacity, self.keys.device):
+        if self._offsets_for != (self.capacity, self.keys.device):
             self._offsets = torch.arange(self.num_heads, device=self.keys.device)[:, None] * self.capacity
             self._offsets_for = (self.capacity, self.keys.device)
         return self._offsets
@@ -146,9 +151,8 @@ class DenseStore:
     def crop(self, position: int, lengths: list[int]) -> None:
         """Drop every slot holding a position >= `position`. They are the last slots of each head (a tail of
         tokens appended after every kept one), `lengths` per head after the crop."""
-        span = self.slots
-        self.positions[:, min(lengths, default=0):span].masked_fill_(
-            self.positions[:, min(lengths, default=0):span] >= position, -1)
+        tail = self.positions[:, min(lengths, default=0):self.slots]
+        tail.masked_fill_(tail >= position, -1)
         self.lengths = list(lengths)
 
     def merge(self, into: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor,

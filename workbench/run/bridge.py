@@ -81,16 +81,16 @@ class Binding:
             want = want | cache_wants
             if "probs" in want:
                 call.slot_positions = cache.slot_positions(layer)
-        rows = [call] if cache is None or not cache.sequential(call) else [call.row(i) for i in
-                                                                           range(call.num_queries)]
+        row_by_row = cache is not None and cache.sequential(call)
+        rows = [call.row(i) for i in range(call.num_queries)] if row_by_row else [call]
         results, fidelities = [], []
-        for row in rows:
+        for row in rows:  # row.mask is transformers' mask (of that row): the cache narrows it to its slots
             if cache is not None:
-                row.mask = _per_query_head(cache.attention_mask(row, _rows_of(hf_mask, row, call)), row.groups)
+                row.mask = _per_query_head(cache.attention_mask(row, row.mask), row.groups)
             result = self.variant.attend(row, want)
             if fidelity:  # a dense recomputation of the same call: what the variant changed
                 fidelities.append(attention_fidelity(row, result.output, kept_keys(self.variant, row)))
-            if len(rows) > 1:  # a provisional row: the cache observes it (tentatively) before the next row runs
+            if row_by_row:  # a provisional row: the cache observes it (tentatively) before the next row runs
                 cache.after_attention(row, result)
             results.append(result)
         result = results[0] if len(results) == 1 else _concatenate(results)
@@ -98,7 +98,7 @@ class Binding:
             observer.observe(call, result)
         if fidelity:
             observer.observe_fidelity(call, *(torch.cat(parts, dim=2) for parts in zip(*fidelities)))
-        if cache is not None and len(rows) == 1:  # after the observer: evicting rewrites the slots it read
+        if cache is not None and not row_by_row:  # after the observer: evicting rewrites the slots it read
             cache.after_attention(rows[0], result)
         return result.output
 
@@ -109,13 +109,6 @@ class BoundPass:
 
     binding: Binding
     forward: ForwardPass
-
-
-def _rows_of(hf_mask, row: AttentionCall, call: AttentionCall):
-    if hf_mask is None or row is call:
-        return hf_mask
-    i = row.start - call.start
-    return hf_mask[:, :, i:i + 1]
 
 
 def _per_query_head(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:

@@ -37,9 +37,21 @@ class StepContext:
         return self._entropy
 
     def take_pending(self) -> list[int]:
-        """The pending tokens, which the caller now feeds itself (e.g. ahead of a draft, in one verify pass)."""
+        """The pending tokens, which the caller now feeds itself (e.g. ahead of a draft, in one verify pass); it
+        then says which logits chose its first token with `chose_from`."""
         pending, self.pending = self.pending, []
         return pending
+
+    def chose_from(self, logits: torch.Tensor) -> None:
+        """The (vocab,) logits the step's first token was drawn from, from the session's latest pass (for a decoder
+        that fed the pending tokens itself; what the trace records for the step)."""
+        self._logits, self._entropy = logits, None
+        self.logits_forward = self.session.forwards - 1
+
+    @property
+    def logits_seen(self) -> bool:
+        """Whether the step's logits are known without feeding anything more."""
+        return self._logits is not None
 
     def record(self, name: str, value) -> None:
         """Record a declared trace variable (workbench.trace.schema) for this step; ignored when not recorded."""

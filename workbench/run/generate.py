@@ -109,11 +109,15 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
         while len(generated) < max_new_tokens:
             ctx = StepContext(session, rng, pending, logits, recorder)
             tokens = decoder.step(ctx)
+            if not ctx.logits_seen and not ctx.pending:
+                raise WorkbenchError(f"decoder '{decoder.name}' fed the pending token itself but did not say which "
+                                     "logits chose its first token: call ctx.chose_from(logits)")
             first_logits = ctx.logits  # what chose the step's first token
             _check_step(decoder, session, tokens, len(prompt_ids[0]) + len(generated))
             seconds = time.perf_counter() - started  # int(...) in the decoder waited for the device
             records = recorder.end_step(first_logits, ctx.entropy if "entropy" in recorder.spec.names else None,
-                                        kv, seconds, ctx.logits_forward)
+                                        kv, seconds, ctx.logits_forward,
+                                        tokens=min(len(tokens), max_new_tokens - len(generated)))
             for token_id in tokens[:max_new_tokens - len(generated)]:
                 generated.append(token_id)
                 finished = token_id in stop_ids or len(generated) == max_new_tokens

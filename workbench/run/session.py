@@ -117,8 +117,8 @@ class Session:
         if logits not in LOGITS:
             raise WorkbenchError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
         device = self.model.device
-        ids = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(1, -1) if not (
-            isinstance(ids, torch.Tensor) and ids.dim() == 2) else ids.to(device)
+        ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+        ids = ids if ids.dim() == 2 else ids.reshape(1, -1)
         if ids.shape[0] != 1:
             raise WorkbenchError(f"a session runs one sequence; got a batch of {ids.shape[0]}")
         n = ids.shape[1]

@@ -96,6 +96,16 @@ def by_position(probs: torch.Tensor, slot_positions: torch.Tensor | None, heads,
     return out.scatter_add_(2, index, torch.where(positions[:, None, :] >= 0, probs, 0.0))
 
 
+def _missing(value):
+    """A missing value shaped like `value`: NaN for floats, -1 for integers, "" for text."""
+    if isinstance(value, str):
+        return ""
+    array = np.asarray(value)
+    if np.issubdtype(array.dtype, np.floating):
+        return np.full_like(array, np.nan)
+    return np.full_like(array, -1)
+
+
 class Recorder:
     """Collects one run's records, as numpy arrays on the CPU, under the schema's variable names."""
 
@@ -123,6 +133,7 @@ class Recorder:
         self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         self._layer: dict[str, dict[int, torch.Tensor]] = {"entropy": {}, "probs": {}, "recall": {}, "error": {}}
         self._rows: dict[int, dict[str, np.ndarray]] = {}  # forward index -> its rows per statistic, until a step
+        self._step_lengths: dict[str, int] = {}  # entries of each step variable when the last step ended
 
     # -- writing variables ----------------------------------------------------------------------------------
     def record(self, name: str, value) -> None:
@@ -190,10 +201,13 @@ class Recorder:
             per_layer.clear()
 
     # -- after every step -------------------------------------------------------------------------------------
-    def end_step(self, logits: torch.Tensor, entropy, cache, seconds: float, forward: int | None = None) -> dict:
+    def end_step(self, logits: torch.Tensor, entropy, cache, seconds: float, forward: int | None = None,
+                 tokens: int = 1) -> dict:
         """Store this step's records and return them (for the stream callback). `logits` (vocab,) float32 chose
         the step's first token, from the last row of forward pass `forward` (default: the latest); `entropy` is
-        its entropy (a 0-d tensor computed once for the step, or None)."""
+        its entropy (a 0-d tensor computed once for the step, or None). The trace's `step` axis is tokens: when a
+        decoder step returned `tokens` > 1 (accepted draft tokens), the later ones get missing values (NaN, -1,
+        "") in every step variable the step recorded, and the same `forward_of_step`."""
         records: dict[str, Any] = {"seconds": seconds}
         self.record("step_seconds", seconds)
         forward = self.forwards - 1 if forward is None else forward
@@ -229,8 +243,20 @@ class Recorder:
             records["cache_tokens"] = cache.tokens_held().numpy()
             self.record("cache_bytes", records["cache_bytes"])
             self.record("cache_tokens", records["cache_tokens"])
-        self.steps += 1
+        self._pad_step(tokens, forward)
+        self.steps += tokens
         return records
+
+    def _pad_step(self, tokens: int, forward: int) -> None:
+        for name, values in self.along.items():
+            if schema.VARIABLES[name].axis != "step":
+                continue
+            if len(values) > self._step_lengths.get(name, 0) and tokens > 1:
+                values += [_missing(values[-1])] * (tokens - 1)
+            self._step_lengths[name] = len(values)
+        self.forward_of_step += [forward] * (tokens - 1)
+        if self.log_probs and len(self.log_probs) < self.steps + tokens:  # the fidelity KL of those tokens: NaN
+            self.log_probs += [torch.full_like(self.log_probs[-1], float("nan"))] * (tokens - 1)
 
     def eviction_log(self, num_kv_heads: int, n_positions: int) -> None:
         """Turn the eviction events into the run-level `cache_evicted_at` / `cache_merged_into` arrays."""
