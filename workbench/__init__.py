@@ -20,11 +20,15 @@ __all__ = ["attention", "cache", "decode", "routers", "run", "trace", "FAMILIES"
 
 
 def __getattr__(name: str):
-    """`wb.viz`, `wb.report` and `wb.Workbench` import HoloViews/ipywidgets on first use, not at `import workbench`."""
+    """`wb.viz`, `wb.report`, `wb.sweep` and `wb.Workbench` import HoloViews/ipywidgets on first use, not at `import workbench`."""
     if name in ("viz", "report", "widgets"):
         import importlib
 
         return importlib.import_module(f"workbench.{name}")
+    if name == "sweep":  # wb.sweep(...) runs a sweep; wb.sweep.table / .heatmap / .status are its tools
+        from workbench.sweeps import sweep
+
+        return sweep
     if name == "Workbench":
         from workbench.widgets import Workbench
 

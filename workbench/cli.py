@@ -42,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default by device)")
 
+    sweeping = commands.add_parser(
+        "sweep", help="run a grid of configurations from a YAML definition (resumable; --workers/--address: Ray)",
+        description="workbench sweep GRID.yaml runs the grid (finished cells are kept in the store and skipped "
+                    "when it runs again); workbench sweep status GRID.yaml shows done / failed / pending cells.")
+    sweeping.add_argument("target", nargs="+", metavar="[status] GRID.yaml", help="the sweep definition (YAML)")
+    sweeping.add_argument("--store", default=None,
+                          help="results directory or fsspec URL (default: the YAML's `store:`, else GRID.results/)")
+    sweeping.add_argument("--workers", type=int, default=0,
+                          help="0: run in this process (default); N: a local Ray cluster of N worker processes")
+    sweeping.add_argument("--address", default=None,
+                          help="an existing Ray cluster (auto, host:port, ray://head:10001; default $RAY_ADDRESS "
+                               "with --workers)")
+    sweeping.add_argument("--cpus-per-worker", type=int, default=None, help="Ray CPUs per worker (default 1)")
+    sweeping.add_argument("--retry-failed", action="store_true", help="run again the cells stored as failed")
+    sweeping.add_argument("--skip-invalid", action="store_true",
+                          help="run the valid cells of a grid with invalid combinations (default: refuse)")
+    sweeping.add_argument("--out", default=None, metavar="PATH", help="also save the dataset as netCDF here")
+    sweeping.add_argument("--measures", default=None, help="comma-separated measures for the printed tables")
+    sweeping.add_argument("--no-progress", action="store_true")
+
     listing = commands.add_parser("list", help="list registered components with a one-line description")
     listing.add_argument("family", nargs="?", choices=FAMILY_FLAGS, help="only this family")
     listing.add_argument("-v", "--verbose", action="store_true", help="parameters and papers too")
@@ -53,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.errors import WorkbenchError
 
     try:
-        return run_command(args) if args.command == "run" else list_command(args)
+        commands = {"run": run_command, "sweep": sweep_command, "list": list_command}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -82,6 +103,37 @@ def list_command(args) -> int:
                 print("  " + module.describe(name).replace("\n", "\n  "))
             else:
                 print(f"  {name:<16} {module.registry.component_class(name).summary}")
+    return 0
+
+
+def sweep_command(args) -> int:
+    from workbench.errors import ParameterError
+    from workbench.sweeps import status, sweep, table
+    from workbench.sweeps.sweep import default_store
+
+    target = list(args.target)
+    asking = target[0] == "status"
+    if asking:
+        target = target[1:]
+    if len(target) != 1:
+        raise ParameterError("workbench sweep takes one definition: workbench sweep GRID.yaml, or workbench sweep "
+                             "status GRID.yaml")
+    definition = target[0]
+    store = args.store or default_store(definition)
+    if asking:
+        counts = status(definition, store)
+        print(f"{store}: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending of "
+              f"{counts['cells']} cells ({counts['points']} grid points, {counts['invalid']} invalid)")
+        return 0
+    ds = sweep(definition, store, workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+               retry_failed=args.retry_failed, skip_invalid=args.skip_invalid, progress=not args.no_progress)
+    measures = [m.strip() for m in args.measures.split(",")] if args.measures else None
+    print(table(ds, measures))
+    print(f"\n{ds.attrs['cells_computed']} cells computed, {ds.attrs['cells_reused']} reused from {store} in "
+          f"{ds.attrs['seconds']:.0f} s")
+    if args.out:
+        ds.to_netcdf(args.out)
+        print(f"saved {args.out}")
     return 0
 
 

@@ -140,9 +140,10 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
     if not configs:
         raise ParameterError("no cache configurations given")
     tasks = list(tasks) if tasks is not None else [Passkey(length=2000), Perplexity()]
-    if not tasks or not all(isinstance(t, Task) for t in tasks):
+    if not tasks or not all(isinstance(t, Task) and t.kind in ("retrieval", "perplexity") for t in tasks):
         raise ParameterError("tasks must be a non-empty list of workbench.eval.tasks generators "
-                             "(Passkey(), Needle(), MultiKey(), MultiTurn(), Perplexity())")
+                             "(Passkey(), Needle(), MultiKey(), MultiTurn(), Perplexity()); speed tasks run in "
+                             "wb.sweep")
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
         raise ParameterError(f"task labels must be distinct, got {labels}; pass label='...' to tell them apart")
@@ -216,19 +217,37 @@ def _first_prompt(model, sample) -> list[int]:
 
 
 def _run(model, config: CacheConfig, sample, max_new_tokens: int, chunk: int, attention, record) -> tuple[dict, str]:
-    policy = config.policy()
+    return score(model, sample, cache=config.policy(), max_new_tokens=max_new_tokens, chunk=chunk,
+                 attention=attention, record=record)
+
+
+def score(model, sample, *, cache: Any = "full", attention: Any = "sdpa", router: Any = "native",
+          decoder: Any = "greedy", max_new_tokens: int = 16, chunk: int = 1, record=None) -> tuple[dict, str]:
+    """Run one sample with one configuration: its measures (a dict of numbers) and the model's reply text.
+
+    The one place a task's sample is scored; `evaluate` and `wb.sweep` both call it. Retrieval replies are
+    greedy (the decoder applies to speed samples only); `record` is a PrefillRecord of the sample's first prompt to
+    replay (retrieval and perplexity)."""
     if sample.kind == "perplexity":
-        result = perplexity(model, sample.context_ids, sample.continuation_ids, cache=policy, chunk=chunk,
-                            attention=attention, record=record)
+        result = perplexity(model, sample.context_ids, sample.continuation_ids, cache=cache, chunk=chunk,
+                            attention=attention, record=record, router=router)
         return {"perplexity": result.perplexity, "nll": result.mean_nll, "peak_cache_bytes": result.peak_cache_bytes,
                 "context_tokens": len(sample.context_ids), "replayed": float(result.replayed)}, ""
     if sample.kind == "retrieval":
-        talk = converse(model, sample, cache=policy, max_new_tokens=max_new_tokens, attention=attention,
-                        record=record)
+        talk = converse(model, sample, cache=cache, max_new_tokens=max_new_tokens, attention=attention,
+                        record=record, router=router)
         return {"accuracy": talk.accuracy, "correct": sum(talk.correct), "questions": len(talk.correct),
                 "peak_cache_bytes": talk.peak_cache_bytes, "context_tokens": talk.prompt_tokens,
                 "replayed": float(talk.replayed)}, \
             " | ".join(talk.replies)
+    if sample.kind == "speed":
+        from workbench.run import generate
+
+        run = generate(model, sample.messages, attention=attention, cache=cache, decoder=decoder, router=router,
+                       max_new_tokens=sample.new_tokens, ignore_eos=True)
+        return {"tokens_per_s": run.tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s,
+                "prefill_seconds": run.prefill_seconds, "new_tokens": len(run.token_ids),
+                "peak_cache_bytes": run.peak_cache_bytes, "context_tokens": len(run.prompt_ids)}, run.text
     raise WorkbenchError(f"task '{sample.task}' made a sample of unknown kind {sample.kind!r}")
 
 

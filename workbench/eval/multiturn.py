@@ -51,7 +51,7 @@ def is_correct(reply: str, answer: str) -> bool:
 
 
 def converse(model, sample: RetrievalSample, cache: Any = "full", max_new_tokens: int = 16,
-             attention: Any = "sdpa", record=None) -> Conversation:
+             attention: Any = "sdpa", record=None, router: Any = "native") -> Conversation:
     """Ask the sample's questions in turn over one cache of policy `cache`; score each reply.
     record -- a PrefillRecord of the first prompt to replay instead of running the prefill (see prefill.py)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -64,7 +64,7 @@ def converse(model, sample: RetrievalSample, cache: Any = "full", max_new_tokens
     prompt_tokens = len(inputs)
     limit = model.max_positions
     replayed = False
-    with Session(model, cache, attention) as session:
+    with Session(model, cache, attention, router=router) as session:
         for turn in range(len(sample.questions)):
             if turn > 0:
                 inputs, fed_text = _next_turn(tokenizer, sample, replies, reply_ids[-1], fed_text)

@@ -36,7 +36,7 @@ class PerplexityResult:
 
 
 def perplexity(model, context_ids, continuation_ids, cache: Any = "full", chunk: int = 1,
-               attention: Any = "sdpa", record=None) -> PerplexityResult:
+               attention: Any = "sdpa", record=None, router: Any = "native") -> PerplexityResult:
     """Score `continuation_ids` after `context_ids` with a fresh cache of policy `cache`.
     record -- a PrefillRecord of `context_ids` to replay instead of running the prefill (see prefill.py)."""
     context_ids, continuation_ids = list(map(int, context_ids)), list(map(int, continuation_ids))
@@ -45,7 +45,7 @@ def perplexity(model, context_ids, continuation_ids, cache: Any = "full", chunk:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ParameterError(f"chunk must be an integer >= 1 (tokens per forward pass), got {chunk!r}")
     nll = 0.0
-    with Session(model, cache, attention) as session:
+    with Session(model, cache, attention, router=router) as session:
         logits, replayed = prefill(session, context_ids, record)  # predicts continuation[0]
         scored = 0
         while True:

@@ -285,7 +285,45 @@ class Perplexity(Task):
         return TextSample(self.label, seed, window[:self.context], window[self.context:], offset)
 
 
-TASKS = {cls.name: cls for cls in (Passkey, Needle, MultiKey, MultiTurn, Perplexity)}
+@dataclass
+class PromptSample:
+    """A chat prompt to generate from (speed)."""
+
+    task: str
+    seed: int
+    messages: list[dict[str, str]]
+    new_tokens: int
+    kind: ClassVar[str] = "speed"
+
+
+@dataclass
+class Speed(Task):
+    """Generation speed: `new_tokens` tokens generated after a chat prompt (end-of-sequence ignored, so every
+    configuration generates the same number). The prompt is one of a few open-ended requests, chosen per seed
+    (or `prompt` when given). Measured in `wb.sweep`; `evaluate` runs retrieval and perplexity tasks only."""
+
+    name: ClassVar[str] = "speed"
+    kind: ClassVar[str] = "speed"
+    new_tokens: int = 32
+    prompt: str | None = None
+
+    PROMPTS: ClassVar[tuple[str, ...]] = (
+        "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        "Explain to a ten-year-old how a steam engine works.",
+        "Describe a walk through a busy harbor town at dawn.",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.new_tokens, bool) or not isinstance(self.new_tokens, int) or self.new_tokens < 1:
+            raise ParameterError(f"task '{self.label}' new_tokens must be an integer >= 1, got {self.new_tokens!r}")
+
+    def make(self, tokenizer, seed: int) -> PromptSample:
+        prompt = self.prompt or self.PROMPTS[seed % len(self.PROMPTS)]
+        return PromptSample(self.label, seed, [{"role": "user", "content": prompt}], self.new_tokens)
+
+
+TASKS = {cls.name: cls for cls in (Passkey, Needle, MultiKey, MultiTurn, Perplexity, Speed)}
 
 
 # -- the haystack ----------------------------------------------------------------------------------------------
