@@ -124,6 +124,19 @@ def test_a_store_of_an_incompatible_sweep_is_refused_and_left_alone(tmp_path):
         wb.sweep(grid, tmp_path / "other", progress=False)
 
 
+def test_a_store_can_be_any_fsspec_url(tiny_llama):
+    import fsspec
+
+    grid = {"model": "tiny:llama", "axes": {"cache": ["full", "snapkv"], "task": [{"perplexity": {
+        "context": 64, "continuation": 8}}]}}
+    first = wb.sweep(grid, "memory://sweeps/one", progress=False, models={"tiny:llama": tiny_llama})
+    names = sorted(fsspec.filesystem("memory").ls("/sweeps/one/cells", detail=False))
+    assert len(names) == 2 and all(n.endswith(".json") for n in names)
+    again = wb.sweep(grid, "memory://sweeps/one", progress=False)
+    assert again.attrs["cells_computed"] == 0
+    measures_equal(first, again)
+
+
 # -- what a cell measures ------------------------------------------------------------------------------------------
 def test_cells_measure_what_the_evaluation_loops_measure_directly(tiny_llama, tmp_path):
     """The sweep's numbers (one shared prefill replayed into every cache) against the loops run directly, each

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="an existing Ray cluster (auto, host:port, ray://head:10001; default $RAY_ADDRESS "
                                "with --workers)")
     sweeping.add_argument("--cpus-per-worker", type=int, default=None, help="Ray CPUs per worker (default 1)")
+    sweeping.add_argument("--gpus-per-worker", type=float, default=0,
+                          help="Ray GPUs per worker (default 0; a worker with a GPU loads its model on CUDA)")
     sweeping.add_argument("--retry-failed", action="store_true", help="run again the cells stored as failed")
     sweeping.add_argument("--skip-invalid", action="store_true",
                           help="run the valid cells of a grid with invalid combinations (default: refuse)")
@@ -126,6 +128,7 @@ def sweep_command(args) -> int:
               f"{counts['cells']} cells ({counts['points']} grid points, {counts['invalid']} invalid)")
         return 0
     ds = sweep(definition, store, workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+               gpus_per_worker=args.gpus_per_worker,
                retry_failed=args.retry_failed, skip_invalid=args.skip_invalid, progress=not args.no_progress)
     measures = [m.strip() for m in args.measures.split(",")] if args.measures else None
     print(table(ds, measures))

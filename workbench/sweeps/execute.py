@@ -46,10 +46,12 @@ def local_threads(workers: int) -> int:
 
 
 def run_ray(cells: list[Cell], done: Done, *, workers: int | None, address: str | None,
-            cpus_per_worker: int | None = None, attempts: int = 2, report: Callable[[str], None] = print) -> None:
+            cpus_per_worker: int | None = None, gpus_per_worker: float = 0, attempts: int = 2,
+            report: Callable[[str], None] = print) -> None:
     """Run cells on Ray actors. address None: start a local cluster with `workers` CPUs (ended afterwards);
     otherwise connect to the cluster there ("auto", "host:port", "ray://host:10001") and start `workers` actors
-    (default: the cluster's CPUs // cpus_per_worker)."""
+    (default: the cluster's CPUs // cpus_per_worker). gpus_per_worker: GPUs each actor reserves (Ray hides GPUs
+    from actors that reserve none; a worker loads its model on CUDA when it sees one)."""
     import ray
 
     started_here = False
@@ -68,7 +70,7 @@ def run_ray(cells: list[Cell], done: Done, *, workers: int | None, address: str 
             cpus = cpus_per_worker or 1
             workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
             threads = cpus
-        _schedule(ray, cells, done, workers, cpus, threads, attempts, report)
+        _schedule(ray, cells, done, workers, cpus, gpus_per_worker, threads, attempts, report)
     finally:
         if started_here:
             ray.shutdown()
@@ -83,12 +85,13 @@ class _Actor:
     def run(self, cell: Cell) -> dict[str, Any]:
         return self.runner.run(cell)
 
-    def ready(self) -> bool:
+    def ready(self, cell: Cell | None = None) -> bool:
+        """Nothing but the round trip (bench/sweep.py times Ray's cost per cell with it)."""
         return True
 
 
-def _schedule(ray, cells, done, workers, cpus, threads, attempts, report) -> None:
-    remote = ray.remote(num_cpus=cpus, max_restarts=0)(_Actor)
+def _schedule(ray, cells, done, workers, cpus, gpus, threads, attempts, report) -> None:
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(_Actor)
     queue = deque(_groups(cells))  # groups not yet started
     tries = {cell.key: 0 for cell in cells}
     current: dict[Any, list[Cell]] = {}  # actor -> rest of its group

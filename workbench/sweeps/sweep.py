@@ -46,7 +46,7 @@ def default_store(path: str | os.PathLike) -> str:
 
 
 def sweep(definition, store: str | os.PathLike | None = None, *, workers: int = 0, address: str | None = None,
-          cpus_per_worker: int | None = None, retry_failed: bool = False, skip_invalid: bool = False,
+          cpus_per_worker: int | None = None, gpus_per_worker: float = 0, retry_failed: bool = False, skip_invalid: bool = False,
           progress: bool = True, live: str | Callable[[xr.Dataset], None] | None = None,
           models: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Run a grid of configurations; see workbench.sweeps.grid for the definition. Returns one Dataset.
@@ -56,6 +56,7 @@ def sweep(definition, store: str | os.PathLike | None = None, *, workers: int = 
     workers      -- 0: this process; N: a local Ray cluster of N worker processes (threads split between them)
     address      -- an existing Ray cluster ("auto", "host:port", "ray://head:10001"; default $RAY_ADDRESS when
                     workers is given and it is set); results still come back here and go to `store`
+    cpus_per_worker, gpus_per_worker -- what each Ray worker reserves (default 1 CPU, no GPU)
     retry_failed -- run again the cells stored as failed (default: keep their error)
     skip_invalid -- run the valid cells of a grid that has invalid combinations (default: refuse, listing them)
     live         -- in a notebook, a measure to draw as a heatmap that fills in as cells finish (or a callable
@@ -105,6 +106,7 @@ def sweep(definition, store: str | os.PathLike | None = None, *, workers: int = 
             ensure_converted()  # once here, not racing in every worker
         if pending and (workers or address):
             run_ray(pending, done, workers=workers or None, address=address, cpus_per_worker=cpus_per_worker,
+                    gpus_per_worker=gpus_per_worker,
                     report=(bar.write if bar is not None else _stderr))
         elif pending:
             run_serial(pending, done, dict(models or {}))
