@@ -261,6 +261,30 @@ def test_mpcache_clusters_hierarchically_and_selects_by_query(tiny_llama):
     assert_masked_attention_is_dense_over(call, cache.layers[0], chosen)
 
 
+def test_mpcache_reclusters_a_later_turn_that_evicts(tiny_llama):
+    """With compress_turns a second turn re-evicts and compacts the slots, so the clusters must be rebuilt over the
+    keys held now. Turn 2's keys point along e5 (turn 1's are random) and its queries look for them, so they are
+    kept; a decoding query along e5 must then select every one of them (a stale index from turn 1 does not)."""
+    torch.manual_seed(1)
+    policy = wb.cache.get("mpcache", budget=16, sinks=2, window=4, coarse=2, fine=1, top_coarse=1, top_fine=1,
+                          compress_turns=True)
+    cache = filled_cache(tiny_llama, policy, torch.randn(2, 40, 8))
+    attend(cache, torch.randn(4, 40, 8))  # turn 1: 40 -> 16 tokens, clustered
+    fill(cache, 0, torch.randn(2, 1, 8))
+    attend(cache, torch.randn(4, 1, 8))  # a decoding step: 17 held
+    e5 = torch.zeros(8)
+    e5[5] = 1.0
+    fill(cache, 0, (5 * e5 + 0.1 * torch.randn(2, 12, 8)), phase="append")  # turn 2: positions 41..52
+    attend(cache, 3 * e5.expand(4, 12, 8).clone())  # its queries look for e5: 29 -> 16 tokens
+    fill(cache, 0, torch.randn(2, 1, 8))  # a decoding step (position 53) asking for e5
+    call = call_for(cache, 3 * e5.expand(4, 1, 8).clone())
+    for head in range(2):
+        positions = cache.layers[0].positions()[head, :16].tolist()
+        turn2 = [slot for slot, p in enumerate(positions) if 41 <= p <= 48]  # turn 2 outside the window
+        assert len(turn2) == 8
+        assert call.mask[0, head, 0, turn2].all()
+
+
 def test_mpcache_evicts_once_like_snapkv(tiny_llama):
     keys, values, query = torch.randn(2, 40, 8), torch.randn(2, 40, 8), torch.randn(4, 40, 8)
     kept = {}

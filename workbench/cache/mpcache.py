@@ -17,7 +17,8 @@ MPCache combines a look-once static eviction with query-aware dynamic selection:
 tokens the latest queries could see (absent before the first decoding step).
 
 Simplified against the paper: no MPC-friendly similarity approximation (exact dot products), no cross-layer index
-sharing (every layer selects for itself), clusters are built once and never updated, tokens generated after the
+sharing (every layer selects for itself), clusters are built at the prefill and not updated while decoding (a
+later turn that re-evicts, compress_turns=True, rebuilds them over the slots it leaves), tokens generated after the
 prefill are always attended, and k-means starts from evenly spaced keys (deterministic) and runs a fixed number of
 iterations.
 """
@@ -43,7 +44,8 @@ class MPCache(SnapKV):
     paper = ("MPCache: MPC-Friendly KV Cache Eviction for Efficient Private Large Language Model Inference "
              "(Zeng et al., arXiv 2025)")
     departs = ("exact dot products (no MPC-friendly approximation), no cross-layer index sharing, clusters built "
-               "once and never updated, tokens after the prefill always attended, deterministic k-means")
+               "at the prefill (rebuilt by a re-evicting turn), not while decoding; tokens after the prefill always "
+               "attended; deterministic k-means")
 
     sinks: int = param(4, "first tokens always kept and attended", min=0)
     compress: str = param("prefill", "when to evict: MPCache evicts once, at the prefill", choices=("prefill",))
@@ -68,7 +70,7 @@ class MPCache(SnapKV):
 
     def evict(self, layer, call, result) -> None:
         super().evict(layer, call, result)
-        if call.phase == "prefill":  # cluster what was kept, once
+        if not call.decoding and self.due(layer, call):  # cluster what was kept (again after a re-evicting turn)
             keys, positions, newest = layer.held_keys(), layer.positions(), layer.newest(call)
             selectable = (positions >= self.sinks) & (positions <= newest - self.window)  # not sinks, not window
             clusters = [HeadClusters(keys[h, :n], selectable[h, :n], self.coarse, self.fine)
