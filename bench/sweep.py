@@ -1,7 +1,7 @@
 """Benchmark: sweep throughput in this process against a local Ray cluster, and Ray's per-cell overhead, in one run.
 
 One grid (cache policies x budgets x a perplexity and a passkey task x seeds on the embedded model, short
-contexts so the whole benchmark takes a few minutes) runs three ways, each into a fresh store:
+contexts so the whole benchmark takes a few minutes) runs two ways, each into a fresh store:
   serial      -- in this process, torch using every core
   workers N   -- a local Ray cluster of N worker processes (cores split between them), startup included
 and the two datasets are checked equal (every measure but wall times). Then Ray's own cost per cell: the time to

@@ -168,7 +168,7 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
             if prefill == "replay":  # one real prefill per prompt, replayed into every configuration's cache
                 if bar is not None:
                     bar.set_postfix_str(f"prefill {task.label} seed={seed}", refresh=True)
-                record = PrefillRecord.capture(model, _first_prompt(model, sample), attention_family.get(attention))
+                record = PrefillRecord.capture(model, first_prompt(model, sample), attention_family.get(attention))
             for config in configs:
                 if bar is not None:
                     bar.set_postfix_str(f"{config.label} budget={config.budget} {task.label} seed={seed}",
@@ -178,7 +178,8 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
                 t, s = labels.index(task.label), seeds.index(seed)
                 started = time.perf_counter()
                 try:
-                    values, reply = _run(model, config, sample, max_new_tokens, chunk, attention, record)
+                    values, reply = score(model, sample, cache=config.policy(), max_new_tokens=max_new_tokens,
+                                          chunk=chunk, attention=attention, record=record)
                 except WorkbenchError as error:  # a configuration that cannot run (a bug is never a NaN cell)
                     if errors == "raise":
                         raise
@@ -212,13 +213,9 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
     return ds
 
 
-def _first_prompt(model, sample) -> list[int]:
+def first_prompt(model, sample) -> list[int]:
+    """The tokens a sample's first forward pass prefills (what a PrefillRecord of it captures)."""
     return sample.context_ids if sample.kind == "perplexity" else prompt_ids(model, sample)
-
-
-def _run(model, config: CacheConfig, sample, max_new_tokens: int, chunk: int, attention, record) -> tuple[dict, str]:
-    return score(model, sample, cache=config.policy(), max_new_tokens=max_new_tokens, chunk=chunk,
-                 attention=attention, record=record)
 
 
 def score(model, sample, *, cache: Any = "full", attention: Any = "sdpa", router: Any = "native",

@@ -22,15 +22,6 @@ from workbench.sweeps.sweep import load_definition, status, sweep
 from workbench.sweeps.table import table
 
 
-def __getattr__(name: str):
-    """The pictures import HoloViews on first use."""
-    if name in ("heatmap", "frontier", "spread", "pareto"):
-        from workbench.sweeps import plots
-
-        return getattr(plots, name)
-    raise AttributeError(f"module 'workbench.sweeps' has no attribute {name!r}")
-
-
 # `wb.sweep(...)` runs a sweep; `wb.sweep.table(ds)`, `wb.sweep.status(...)`, `wb.sweep.heatmap(...)` are its tools.
 sweep.table = table
 sweep.status = status

@@ -36,7 +36,7 @@ TIMING = ("tokens_per_s", "decode_tokens_per_s", "prefill_seconds", "seconds")  
 def assemble(grid: Grid, plan: Plan, records: dict[str, dict[str, Any]], extra_attrs: dict[str, Any]) -> xr.Dataset:
     coords = grid.coords()
     dims = [grid.dimension(name) for name in coords]
-    shape = tuple(len(values) for values in coords.values()) or ()
+    shape = tuple(len(values) for values in coords.values())
     flat = {name: np.full(len(plan.points), np.nan) for name in MEASURES}
     status = np.full(len(plan.points), "pending", dtype=object)
     reply = np.full(len(plan.points), "", dtype=object)
@@ -67,7 +67,6 @@ def assemble(grid: Grid, plan: Plan, records: dict[str, dict[str, Any]], extra_a
         if name in ds:
             ds[name].attrs.update(description=description, units=units)
     ds["status"].attrs["description"] = "done, failed (see error), invalid (see error) or pending"
-    ds.attrs.update(provenance())
     ds.attrs["definition"] = json.dumps(grid.describe(), default=str)
     ds.attrs.update(extra_attrs)
     return ds

@@ -63,11 +63,10 @@ def run_ray(cells: list[Cell], done: Done, *, workers: int | None, address: str 
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         started_here = True
     try:
+        cpus = cpus_per_worker or 1
         if address is None:
-            cpus = cpus_per_worker or 1
             threads = local_threads(workers)
         else:
-            cpus = cpus_per_worker or 1
             workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
             threads = cpus
         _schedule(ray, cells, done, workers, cpus, gpus_per_worker, threads, attempts, report)
@@ -139,8 +138,6 @@ def _schedule(ray, cells, done, workers, cpus, gpus, threads, attempts, report) 
                                f"({cause})", "seconds": float("nan"), "worker": "", "finished": time.time()})
             actor = remote.remote(threads)
         start(actor)
-        if not in_flight and queue:  # every actor died at once: start again
-            start(remote.remote(threads))
 
 
 def _describe(cell: Cell) -> str:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import time
 
-from workbench.sweeps.grid import Grid
-
-
 class LiveHeatmap:
     """Redraws `measure` over the sweep's first two axes at most once per `every` seconds, and once at the end."""
 
-    def __init__(self, measure: str, grid: Grid, every: float = 1.0):
+    def __init__(self, measure: str, every: float = 1.0):
         self.measure, self.every = measure, every
         self.handle = None
         self.last = 0.0

@@ -113,7 +113,7 @@ def frontier(ds: xr.Dataset, x: str = "peak_cache_bytes", y: str = "accuracy", *
                                                                                                 "task")), None)
     keep = [d for d in ds.dims if d not in ("seed", "task")]
     mean_x, mean_y = _mean_over_others(xs, keep), _mean_over_others(ys, keep)
-    frame = mean_x.to_dataframe(name=x).join(mean_y.to_dataframe(name=y), lsuffix="_x").reset_index()
+    frame = mean_x.to_dataframe(name=x).join(mean_y.to_dataframe(name=y)).reset_index()
     frame = frame[[c for c in frame.columns if c in keep or c in (x, y)]].dropna(subset=[x, y])
     if frame.empty:
         raise ParameterError(f"no grid point has both {x} and {y} yet")

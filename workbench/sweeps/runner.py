@@ -27,8 +27,8 @@ class CellRunner:
 
             torch.set_num_threads(threads)
         self.models = dict(models or {})
-        self._prefill: tuple[str, Any] | None = None  # (group, PrefillRecord)
-        self._samples: dict[str, Any] = {}  # group -> sample (a group is one prompt)
+        self._group: str | None = None  # the prompt the sample and prefill record below belong to
+        self._sample = self._prefill = None
 
     def model(self, name: str):
         if name not in self.models:
@@ -51,28 +51,21 @@ class CellRunner:
         return record
 
     def _score(self, cell: Cell) -> tuple[dict, str]:
-        from workbench.eval.harness import score
-        from workbench.eval.multiturn import prompt_ids
+        from workbench.eval.harness import first_prompt, score
+        from workbench.eval.prefill import PrefillRecord
         from workbench.families import FAMILIES
 
         config = cell.config
         model = self.model(config["model"])
         components = {family: FAMILIES[family].get(config[family]["name"], **config[family]["params"])
                       for family in FAMILIES if family in config}
-        sample = self._samples.get(cell.group)
-        if sample is None:
-            self._samples = {cell.group: cell.task.make(model.tokenizer, config["seed"])}  # one prompt at a time
-            sample = self._samples[cell.group]
         settings = config["settings"]
-        record = None
-        if settings.get("prefill") == "replay":
-            if self._prefill is None or self._prefill[0] != cell.group:
-                from workbench.eval.prefill import PrefillRecord
-
-                self._prefill = None  # free the last one first: a record holds every layer's keys and values
-                ids = sample.context_ids if sample.kind == "perplexity" else prompt_ids(model, sample)
-                self._prefill = (cell.group, PrefillRecord.capture(model, ids, components["attention"]))
-            record = self._prefill[1]
-        metrics, reply = score(model, sample, record=record, max_new_tokens=settings.get("max_new_tokens", 16),
-                               chunk=settings.get("chunk", 1), **components)
-        return metrics, reply
+        if self._group != cell.group:  # a new prompt: free the last record first (it holds every layer's K/V)
+            self._group, self._sample, self._prefill = None, None, None
+            self._sample = cell.task.make(model.tokenizer, config["seed"])
+            self._group = cell.group
+        if settings.get("prefill") == "replay" and self._prefill is None:
+            self._prefill = PrefillRecord.capture(model, first_prompt(model, self._sample), components["attention"])
+        record = self._prefill if settings.get("prefill") == "replay" else None
+        return score(model, self._sample, record=record, max_new_tokens=settings.get("max_new_tokens", 16),
+                     chunk=settings.get("chunk", 1), **components)

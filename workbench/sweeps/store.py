@@ -26,8 +26,8 @@ class Store:
 
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = "file" in self.fs.protocol if isinstance(self.fs.protocol, tuple) else \
-            self.fs.protocol == "file"
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.local = "file" in protocols
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -44,10 +44,10 @@ class Store:
                                  "(or is damaged): use another store")
             self._put("sweep.json", {**mine, "definition": grid.describe()})
             return
-        theirs = {"format": header.get("format"), "settings": header.get("settings")}
+        theirs = {"format": header.get("format"), "settings": header.get("settings") or {}}
         if theirs != mine:
             differ = [f"{k}: store {theirs['settings'].get(k)!r}, this sweep {v!r}"
-                      for k, v in grid.settings.items() if (theirs["settings"] or {}).get(k) != v]
+                      for k, v in grid.settings.items() if theirs["settings"].get(k) != v]
             if theirs["format"] != FORMAT:
                 differ.insert(0, f"format: store {theirs['format']!r}, this sweep {FORMAT}")
             raise SweepError(f"{self.url} holds results of an incompatible sweep ({'; '.join(differ)}); nothing "

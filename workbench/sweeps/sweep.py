@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 import xarray as xr
 
-from workbench.sweeps.dataset import assemble
+from workbench.sweeps.dataset import assemble, provenance
 from workbench.sweeps.execute import run_ray, run_serial
 from workbench.sweeps.grid import Grid, Plan, SweepError
 from workbench.sweeps.store import Store
@@ -83,7 +83,8 @@ def sweep(definition, store: str | os.PathLike | None = None, *, workers: int = 
     reused = len(plan.cells) - len(pending)
     computed = 0
     bar = _progress(len(plan.cells), reused) if progress else None
-    show = _live(live, grid, plan) if live is not None else None
+    show = _live(live) if live is not None else None
+    origin = provenance()  # once: it asks git
 
     def done(record: dict[str, Any]) -> None:
         nonlocal computed
@@ -96,7 +97,7 @@ def sweep(definition, store: str | os.PathLike | None = None, *, workers: int = 
             if record["status"] == "failed":
                 bar.write(f"workbench.sweep: cell {record['key'][:8]} failed: {record['error']}")
         if show is not None:
-            show(lambda: assemble(grid, plan, records, {}))
+            show(lambda: assemble(grid, plan, records, origin))
 
     started = time.perf_counter()
     try:
@@ -114,7 +115,7 @@ def sweep(definition, store: str | os.PathLike | None = None, *, workers: int = 
         if bar is not None:
             bar.close()
     ds = assemble(grid, plan, records, {
-        "store": "" if target is None else target.url, "cells": len(plan.cells), "cells_computed": computed,
+        **origin, "store": "" if target is None else target.url, "cells": len(plan.cells), "cells_computed": computed,
         "cells_reused": reused, "seconds": time.perf_counter() - started,
         "workers": workers, "ray_address": address or ""})
     if show is not None:
@@ -166,11 +167,11 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _live(live, grid: Grid, plan: Plan):
+def _live(live):
     if callable(live):
         def call(make, final=False):
             live(make())
         return call
     from workbench.sweeps.live import LiveHeatmap
 
-    return LiveHeatmap(live, grid)
+    return LiveHeatmap(live)
