@@ -14,14 +14,14 @@ def test_reference_members_are_registered():
                                         "sdpa", "sink_window", "sliding_window", "topk_retrieval"]
     assert wb.cache.available() == ["cake", "d2o", "full", "h2o", "knorm", "kvmerger", "lazy_eviction", "mpcache",
                                     "pyramidkv", "razor_attention", "sentence_kv", "snapkv", "streaming_llm", "tova"]
-    assert wb.decode.available() == ["greedy", "sample"]
+    assert wb.decode.available() == ["epsilon", "eta", "greedy", "prompt_lookup", "sample", "speculative", "typical"]
     assert wb.routers.available() == ["native"]
 
 
 def test_unknown_name_lists_registered_members():
     with pytest.raises(wb.UnknownComponentError, match="unknown attention 'nope'; registered: block_sparse, eager, "):
         wb.attention.get("nope")
-    with pytest.raises(wb.UnknownComponentError, match="registered: greedy, sample"):
+    with pytest.raises(wb.UnknownComponentError, match="registered: epsilon, eta, greedy, prompt_lookup, sample, speculative,"):
         wb.decode.get("beam")
 
 

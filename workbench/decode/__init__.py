@@ -1,14 +1,19 @@
 """Decoders: how the next tokens are chosen. A registry of small named components."""
 
 from workbench.decode.base import Decoder
+from workbench.decode.epsilon import Epsilon, Eta
 from workbench.decode.greedy import Greedy
+from workbench.decode.prompt_lookup import PromptLookup
 from workbench.decode.sample import Sample
+from workbench.decode.speculative import SpeculativeDecoding
+from workbench.decode.typical import Typical
 from workbench.registry import Registry
 
 registry = Registry("decoder", Decoder)
 register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
-register(Greedy)
-register(Sample)
+for _decoder in (Greedy, Sample, Typical, Epsilon, Eta, PromptLookup, SpeculativeDecoding):
+    register(_decoder)
 
-__all__ = ["Decoder", "Greedy", "Sample", "registry", "register", "available", "get", "describe"]
+__all__ = ["Decoder", "Greedy", "Sample", "Typical", "Epsilon", "Eta", "PromptLookup",
+           "SpeculativeDecoding", "registry", "register", "available", "get", "describe"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.decode import truncation
 from workbench.decode.base import Decoder
 from workbench.errors import ParameterError
 from workbench.registry import param
@@ -33,20 +34,18 @@ class Sample(Decoder):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution `choose` samples from, after every filter (rows sum to 1)."""
-        logits = logits.float() / self.temperature
+        return torch.softmax(self.truncate(logits.float() / self.temperature), dim=-1)
+
+    def truncate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled logits with the dropped tokens at -inf: top-k, then top-p, then min-p (the order of
+        transformers' logits processors; subclasses add their rule after these)."""
         if self.top_k > 0:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits = truncation.top_k(logits, self.top_k)
         if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # drop a token when the tokens before it already reach top_p (the top token always stays)
-            drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
-            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+            logits = truncation.top_p(logits, self.top_p)
         if self.min_p > 0.0:
-            probs = torch.softmax(logits, dim=-1)
-            logits = logits.masked_fill(probs < self.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+            logits = truncation.min_p(logits, self.min_p)
+        return logits
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one token per row from `probabilities` with the run's generator (`ctx.rng`)."""

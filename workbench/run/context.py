@@ -11,9 +11,12 @@ class StepContext:
     """One step of a run: the session, the next-token logits (fed on first use), their entropy (computed once and
     shared with the recorder), the run's random generator and a way to record telemetry."""
 
-    def __init__(self, session, rng: torch.Generator, pending: list[int], logits: torch.Tensor | None, recorder):
+    def __init__(self, session, rng: torch.Generator, pending: list[int], logits: torch.Tensor | None, recorder,
+                 tokens: list[int] | None = None, state: dict | None = None):
         self.session = session
         self.rng = rng
+        self.tokens = tokens if tokens is not None else []  # the sequence so far: prompt, then every chosen token
+        self.state = state if state is not None else {}  # the run's own: kept from step to step (a draft's session)
         self.pending = list(pending)  # chosen but not fed yet
         self.recorder = recorder
         self._logits = logits

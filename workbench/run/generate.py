@@ -86,9 +86,10 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
     trace = build_dataset(recorder, prompt_tokens=model.token_strings(prompt_list),
                           tokens=model.token_strings(generated), token_ids=generated,
                           num_kv_heads=model.num_kv_heads, vocab_size=model.text_config.vocab_size, attrs=config)
-    step_seconds = recorder.along.get("step_seconds", [])
+    # one time per step: the later tokens of a multi-token step (speculative decoding) record a missing value
+    step_seconds = [s for s in recorder.along.get("step_seconds", []) if s == s]
     return Run(text=model.decode(generated), token_ids=generated, prompt_ids=prompt_list,
-               prefill_seconds=step_seconds[0] if step_seconds else 0.0, decode_seconds=list(step_seconds[1:]),
+               prefill_seconds=step_seconds[0] if step_seconds else 0.0, decode_seconds=step_seconds[1:],
                peak_cache_bytes=peak_bytes, finish_reason=finish, trace=trace, config=config)
 
 
@@ -106,8 +107,9 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
         started = time.perf_counter()  # step 0's time includes the prefill
         logits = session.feed(prompt_ids, "prefill")[-1]
         pending: list[int] = []
+        sequence, state = prompt_ids[0].tolist(), {}  # read by decoders through ctx.tokens / ctx.state
         while len(generated) < max_new_tokens:
-            ctx = StepContext(session, rng, pending, logits, recorder)
+            ctx = StepContext(session, rng, pending, logits, recorder, sequence, state)
             tokens = decoder.step(ctx)
             if not ctx.logits_seen and not ctx.pending:
                 raise WorkbenchError(f"decoder '{decoder.name}' fed the pending token itself but did not say which "
@@ -120,6 +122,7 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
                                         tokens=min(len(tokens), max_new_tokens - len(generated)))
             for token_id in tokens[:max_new_tokens - len(generated)]:
                 generated.append(token_id)
+                sequence.append(token_id)
                 finished = token_id in stop_ids or len(generated) == max_new_tokens
                 if token_id in stop_ids:
                     finish = "eos"

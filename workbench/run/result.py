@@ -30,7 +30,7 @@ class Run:
     token_ids: list[int]
     prompt_ids: list[int]
     prefill_seconds: float
-    decode_seconds: list[float]  # one per token after the first
+    decode_seconds: list[float]  # one per decoding step (a speculative step gives several tokens)
     peak_cache_bytes: int
     finish_reason: str  # "eos", "length" or "empty" (max_new_tokens=0)
     trace: xr.Dataset
@@ -47,9 +47,10 @@ class Run:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens per second of the decoding steps alone (the first token comes from the prefill)."""
+        """Tokens per second of the decoding steps alone (the first token comes from the prefill; a step may give
+        several tokens, as speculative decoders' do)."""
         seconds = sum(self.decode_seconds)
-        return len(self.decode_seconds) / seconds if seconds > 0 else 0.0
+        return (len(self.token_ids) - 1) / seconds if seconds > 0 and self.decode_seconds else 0.0
 
     @property
     def tokens(self) -> list[str]:
@@ -79,10 +80,10 @@ class Run:
         }
         trace = self.steps
         if "entropy" in trace and trace.sizes["step"]:
-            entropy = trace["entropy"].values
+            entropy = trace["entropy"].values  # missing for the later tokens of a multi-token step
             attention = trace["attention_entropy"].mean(("step", "head")).values
-            out["entropy"] = {"mean": float(entropy.mean()), "max": float(entropy.max()),
-                              "argmax_step": int(entropy.argmax()),
+            out["entropy"] = {"mean": float(np.nanmean(entropy)), "max": float(np.nanmax(entropy)),
+                              "argmax_step": int(np.nanargmax(entropy)),
                               "attention_mean_by_layer": [round(float(v), 4) for v in attention]}
         if "kl_vs_dense" in trace and trace.sizes["step"]:
             out["fidelity"] = fidelity_summary(trace)
@@ -98,10 +99,11 @@ def entropy_summary_line(run: Run) -> str:
     trace = run.steps
     if "entropy" not in trace or not trace.sizes["step"]:
         return "entropy: not recorded (record=['entropy'])"
-    entropy = trace["entropy"].values
+    entropy = trace["entropy"].values  # missing for the later tokens of a multi-token step
     layer_means = trace["attention_entropy"].mean(("step", "head")).values
-    return (f"next-token entropy: mean {entropy.mean():.3f} nats, max {entropy.max():.3f} at step "
-            f"{int(np.argmax(entropy))} ({run.tokens[int(np.argmax(entropy))]!r}); attention entropy by layer: "
+    top = int(np.nanargmax(entropy))
+    return (f"next-token entropy: mean {np.nanmean(entropy):.3f} nats, max {entropy[top]:.3f} at step "
+            f"{top} ({run.tokens[top]!r}); attention entropy by layer: "
             f"lowest layer {int(layer_means.argmin())} ({layer_means.min():.2f}), "
             f"highest layer {int(layer_means.argmax())} ({layer_means.max():.2f})")
 

@@ -1,0 +1,171 @@
+"""Speculative decoding: a cheap drafter proposes k tokens, the target model checks them all in ONE verify pass,
+the accepted prefix is committed and the rest rolled back through the session.
+
+    accept(target, draft, draft_probs, generator, greedy)   the acceptance rule, one function
+    Drafting                                                 the decoder step every drafter shares
+    SpeculativeDecoding (`speculative`)                      the drafter: a smaller model with the same tokenizer
+
+Acceptance (Leviathan, Kalman, Matias, ICML 2023; Chen et al., 2023): draft token x_i, drawn from q_i, is kept
+with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection the token is drawn from the residual
+max(0, p_i - q_i) (normalised), and when every draft token is kept a bonus token is drawn from p_{k+1}. The
+output then follows the target's distribution p exactly. A deterministic drafter (prompt lookup) has q = a point
+mass. In greedy mode a draft token is kept when it is the target's argmax, so the tokens equal plain greedy
+decoding's. The target's distribution p is `sample`'s (temperature, top-k, top-p, min-p) of the target's logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.decode.sample import Sample
+from workbench.errors import ParameterError
+from workbench.registry import param
+
+
+def accept(target: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | None,
+           generator: torch.Generator | None, greedy: bool) -> tuple[int, int]:
+    """How many draft tokens to keep, and the token after them.
+
+    target      -- (k + 1, vocab) the target's probabilities after the pending token and after each draft token
+    draft       -- the k draft tokens
+    draft_probs -- (k, vocab) the distributions they were drawn from; None for a deterministic draft"""
+    if greedy:
+        best = target.argmax(-1).tolist()
+        for i, token in enumerate(draft):
+            if best[i] != token:
+                return i, best[i]
+        return len(draft), best[len(draft)]
+    for i, token in enumerate(draft):
+        p = target[i]
+        q = draft_probs[i] if draft_probs is not None else torch.nn.functional.one_hot(
+            torch.tensor(token, device=p.device), p.shape[-1]).to(p.dtype)
+        keep = torch.clamp(p[token] / q[token], max=1.0)
+        if float(torch.rand((), generator=generator, device=p.device)) < float(keep):
+            continue
+        residual = (p - q).clamp_min(0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p  # total is 0 only if p == q, where nothing is rejected
+        return i, int(torch.multinomial(residual, 1, generator=generator))
+    return len(draft), int(torch.multinomial(target[len(draft)], 1, generator=generator))
+
+
+class Drafting(Sample):
+    """The step every drafter shares: feed the pending token and the draft as one verify pass, keep what `accept`
+    says, commit it. Subclasses implement `draft(ctx, pending)` -> (tokens, their distributions or None), drafting
+    at most `self.length(ctx)` tokens, and may use `accepted(ctx, n)` to learn how many were kept.
+
+    Draft length: `schedule="constant"` drafts `k` tokens every pass; "heuristic" is transformers' schedule for
+    assisted generation, kept per run: start at k, +2 after a pass that kept the whole draft, -1 (down to 1)
+    otherwise, so a drafter that keeps failing stops paying for long verify passes."""
+
+    lossless = True
+
+    def length(self, ctx) -> int:
+        return ctx.state.get("draft_length", self.k)
+
+    def _schedule(self, ctx, drafted: int, kept: int) -> None:
+        if self.schedule == "heuristic":
+            ctx.state["draft_length"] = self.length(ctx) + 2 if kept == drafted else max(1, self.length(ctx) - 1)
+
+    def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def accepted(self, ctx, kept: int) -> None:
+        """Told after each verify pass how many draft tokens were kept."""
+
+    def step(self, ctx) -> list[int]:
+        pending = ctx.take_pending()
+        if not pending:  # the first token: from the prefill's logits
+            return super().step(ctx)
+        tokens, draft_probs = self.draft(ctx, pending)
+        if not tokens:  # nothing to propose: a plain decoding step
+            ctx.pending = pending
+            return super().step(ctx)
+        rows = ctx.session.feed(pending + tokens, "verify")
+        ctx.chose_from(rows[0])
+        target = self.probabilities(rows) if not self.greedy else rows
+        kept, after = accept(target, tokens, draft_probs, ctx.rng, self.greedy)
+        ctx.session.commit(1 + kept)  # the pending token and the kept draft
+        self.accepted(ctx, kept)
+        self._schedule(ctx, len(tokens), kept)
+        return tokens[:kept] + [after]
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(-1)
+        return super().choose(logits, generator)
+
+
+@dataclass
+class SpeculativeDecoding(Drafting):
+    """Speculative decoding with a draft model that shares the target's tokenizer. The draft model keeps its own
+    session (full cache) in the run's state; it drafts `k` tokens autoregressively as provisional `rollout`
+    passes, which are committed as far as the target kept them and rolled back beyond."""
+
+    name = "speculative"
+    summary = "Speculative decoding: a small draft model proposes k tokens, the target verifies them in one pass."
+    paper = ("Fast Inference from Transformers via Speculative Decoding (Leviathan, Kalman, Matias; ICML 2023); "
+             "Accelerating LLM Decoding with Speculative Sampling (Chen et al., 2023)")
+
+    draft_model: Any = param(None, "the draft model (same tokenizer as the target): a loaded workbench Model, or "
+                                   "a name for workbench.load, loaded once (e.g. from the CLI or the panel)")
+    k: int = param(4, "draft tokens per verify pass (the first pass's with schedule='heuristic')", min=1)
+    schedule: str = param("constant", "draft length: constant k, or transformers' heuristic (+2 / -1)",
+                          choices=("constant", "heuristic"))
+    greedy: bool = param(True, "accept on argmax equality (tokens equal greedy decoding); False: rejection "
+                               "sampling, lossless for `sample` with the same temperature and filters")
+
+    def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        from workbench.run.session import Session
+
+        session = ctx.state.get("draft_session")
+        if session is None:  # checked here, not at construction, so that describe() and the panel can build it
+            draft_model = loaded(self.draft_model)
+            check_same_vocabulary(ctx.session.model, draft_model)
+            session = ctx.state["draft_session"] = Session(draft_model, "full", "sdpa")
+        behind = ctx.tokens[session.position:]  # tokens the target has that the draft has not fed
+        phase = "prefill" if session.position == 0 else "decode" if len(behind) == 1 else "append"
+        logits = session.feed(behind, phase)[-1]
+        tokens, probs, length = [], [], self.length(ctx)
+        for i in range(length):
+            q = self.probabilities(logits[None])[0]
+            token = int(logits.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=ctx.rng))
+            tokens.append(token)
+            probs.append(q)
+            if i + 1 < length:
+                logits = session.feed([token], "rollout", logits="last")[-1]
+        return tokens, None if self.greedy else torch.stack(probs)
+
+    def accepted(self, ctx, kept: int) -> None:
+        session = ctx.state["draft_session"]
+        session.commit(min(kept, session.position - session.committed))  # drafts it fed and the target kept
+
+
+def loaded(draft):
+    """The draft model itself, or the one a name loads (once per name and process)."""
+    from workbench.models import Model
+
+    if isinstance(draft, Model):
+        return draft
+    if not isinstance(draft, str) or not draft:
+        raise ParameterError(f"decoder 'speculative' needs draft_model=: a loaded workbench Model with the target's "
+                             f"tokenizer (wb.load(...), wb.tiny(...)) or a name to load; got {draft!r}")
+    return _load(draft)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str):
+    from workbench.models import load
+
+    return load(name)
+
+
+def check_same_vocabulary(target, draft) -> None:
+    sizes = (target.text_config.vocab_size, draft.text_config.vocab_size)
+    if sizes[0] != sizes[1] or target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise ParameterError(f"the draft model {draft.name} has another tokenizer or vocabulary (sizes {sizes[1]} "
+                             f"against the target's {sizes[0]}); speculative decoding needs the same tokenizer")
