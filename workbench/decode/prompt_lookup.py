@@ -35,8 +35,6 @@ class PromptLookup(Drafting):
                                        "ended text stops paying for long drafts) or a constant k",
                           choices=("constant", "heuristic"))
     max_ngram: int = param(3, "longest n-gram looked up (then shorter ones)", min=1)
-    greedy: bool = param(True, "accept on argmax equality (tokens equal greedy decoding); False: rejection "
-                               "sampling against `sample`'s distribution, lossless too")
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
         index = ctx.state.setdefault("ngrams", NgramIndex(self.max_ngram))

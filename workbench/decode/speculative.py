@@ -53,6 +53,7 @@ def accept(target: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | N
     return len(draft), int(torch.multinomial(target[len(draft)], 1, generator=generator))
 
 
+@dataclass
 class Drafting(Sample):
     """The step every drafter shares: feed the pending token and the draft as one verify pass, keep what `accept`
     says, commit it. Subclasses implement `draft(ctx, pending)` -> (tokens, their distributions or None), drafting
@@ -63,6 +64,12 @@ class Drafting(Sample):
     otherwise, so a drafter that keeps failing stops paying for long verify passes."""
 
     lossless = True
+
+    k: int = param(4, "draft tokens per verify pass (the first pass's with schedule='heuristic')", min=1)
+    schedule: str = param("constant", "draft length: constant k, or transformers' heuristic (+2 / -1)",
+                          choices=("constant", "heuristic"))
+    greedy: bool = param(True, "accept on argmax equality (tokens equal greedy decoding); False: rejection "
+                               "sampling, lossless for `sample` with the same temperature and filters")
 
     def length(self, ctx) -> int:
         return ctx.state.get("draft_length", self.k)
@@ -113,11 +120,6 @@ class SpeculativeDecoding(Drafting):
 
     draft_model: Any = param(None, "the draft model (same tokenizer as the target): a loaded workbench Model, or "
                                    "a name for workbench.load, loaded once (e.g. from the CLI or the panel)")
-    k: int = param(4, "draft tokens per verify pass (the first pass's with schedule='heuristic')", min=1)
-    schedule: str = param("constant", "draft length: constant k, or transformers' heuristic (+2 / -1)",
-                          choices=("constant", "heuristic"))
-    greedy: bool = param(True, "accept on argmax equality (tokens equal greedy decoding); False: rejection "
-                               "sampling, lossless for `sample` with the same temperature and filters")
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
         from workbench.run.session import Session
@@ -132,10 +134,12 @@ class SpeculativeDecoding(Drafting):
         logits = session.feed(behind, phase)[-1]
         tokens, probs, length = [], [], self.length(ctx)
         for i in range(length):
-            q = self.probabilities(logits[None])[0]
-            token = int(logits.argmax()) if self.greedy else int(torch.multinomial(q, 1, generator=ctx.rng))
+            if self.greedy:
+                token = int(logits.argmax())
+            else:
+                probs.append(self.probabilities(logits[None])[0])
+                token = int(torch.multinomial(probs[-1], 1, generator=ctx.rng))
             tokens.append(token)
-            probs.append(q)
             if i + 1 < length:
                 logits = session.feed([token], "rollout", logits="last")[-1]
         return tokens, None if self.greedy else torch.stack(probs)
