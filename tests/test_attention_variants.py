@@ -29,11 +29,13 @@ SPARSE = {
     "hybrid_band": Hybrid(every=2, offset=1, sinks=2, window=6),
     "hybrid_strided": Hybrid(every=2, offset=1, sinks=2, window=6, stride=2, block_size=16),
     "a_shape": BlockSparse(pattern="a_shape", sinks=2, window=8),
-    "vertical_slash": BlockSparse(vertical=4, slash=4, last_q=8),
+    "vertical_slash": BlockSparse(vertical=4, slash=4, sink_columns=2, local_diagonals=2, last_q=8),
     "block_topk": BlockSparse(pattern="block_topk", block_size=16, top_k=1),
     "pbs": PBS(block_size=16, segment=32, top_k=1, last_q=8),
-    "topk_exact": TopKRetrieval(top_k=5, sinks=1, window=2),
-    "topk_pages": TopKRetrieval(select="pages", top_k=8, page_size=4, sinks=1, window=2),
+    "pbs_threshold_kv_head": PBS(block_size=16, segment=32, threshold=0.5, permute="kv_head", last_q=8),
+    "topk_exact": TopKRetrieval(top_k=5, sinks=1, window=2, dense_prefill=False),
+    "topk_pages": TopKRetrieval(select="pages", top_k=8, page_size=4, sinks=1, window=2, dense_prefill=False,
+                                dense_layers=0),
 }
 
 
@@ -146,7 +148,7 @@ def test_vertical_slash_finds_a_planted_column_and_diagonal():
     key[7] += 25 * eye[63]  # key 7 scores 25 for every query: a vertical line
     call = make_call(n, n, heads=2, kv_heads=1, dim=dim, scaling=1.0)
     call.query, call.key = query.expand(1, 2, -1, -1).clone(), key.expand(1, 1, -1, -1).clone()
-    kept = BlockSparse(vertical=1, slash=2, last_q=8).kept_mask(call)
+    kept = BlockSparse(vertical=1, slash=2, sink_columns=0, local_diagonals=1, last_q=8).kept_mask(call)
     p, j = torch.arange(n)[:, None], torch.arange(n)[None]
     expected = causal(n, n) & ((j == 7) | (p - j == 0) | (p - j == 3))
     assert torch.equal(kept[0], expected.expand(2, -1, -1))
@@ -157,8 +159,9 @@ def test_retrieval_selects_the_planted_key_and_its_page():
     call.key = 0.1 * call.key
     call.key[:, 0, 21] = 3 * call.query[0, 0, 0]
     call.key[:, 1, 21] = 3 * call.query[0, 2, 0]
-    pages = TopKRetrieval(select="pages", top_k=8, page_size=8, sinks=0, window=1).kept_mask(call)
-    exact = TopKRetrieval(select="exact", top_k=1, sinks=0, window=1).kept_mask(call)
+    pages = TopKRetrieval(select="pages", top_k=8, page_size=8, min_pages=1, sinks=0, window=1,
+                          dense_prefill=False, dense_layers=0).kept_mask(call)
+    exact = TopKRetrieval(select="exact", top_k=1, sinks=0, window=1, dense_prefill=False).kept_mask(call)
     for head in (0, 2):  # the heads whose query the planted key matches
         assert pages[0, head, 0].nonzero().flatten().tolist() == list(range(16, 24)) + [63]
         assert exact[0, head, 0].nonzero().flatten().tolist() == [21, 63]
@@ -184,7 +187,7 @@ def test_pbs_needs_fewer_tiles_than_block_topk_for_the_same_recall():
     call.query = base + 0.3 * call.query
     call.key = 0.3 * call.key
     call.key[:, :, [3, 19, 35, 51]] = 4 * base
-    pbs = PBS(block_size=16, segment=64, top_k=1, last_q=16)
+    pbs = PBS(block_size=16, segment=64, top_k=1, last_q=16, keep_first=False)
     pbs_recall = recall(pbs, call)
     pbs_tiles = pbs.sparsity(call).block_mask.sum().item() / 4
     assert pbs_recall > 0.999
@@ -224,7 +227,7 @@ def test_a_pattern_covering_everything_is_full_causal_attention(name):
 @pytest.mark.parametrize("q_len", [12, 1])
 def test_mpcvit_heads(kind, q_len):
     call = make_call(q_len, 12)
-    result = MPCViT(kind=kind, heads="0,3").attend(call, ALL)
+    result = MPCViT(kind=kind, heads="0,3", relu_norm="n").attend(call, ALL)  # the paper's sum: test_attention_fidelity
     keep = causal(q_len, 12)
     output, probs = dense(call, keep)
     for head in (1, 2):  # softmax heads are untouched
@@ -301,7 +304,9 @@ def test_entropy_guided_with_an_open_band_is_plain_attention():
     (lambda: BlockSparse(pattern="diagonal"), "a_shape"),
     (lambda: BlockSparse(top_k=0), "top_k"),
     (lambda: PBS(segment=40, block_size=16), "multiple"),
-    (lambda: PBS(top_k=0), "top_k"),
+    (lambda: PBS(threshold=1.5), "threshold"),
+    (lambda: Hybrid(offset=2), "offset"),
+    (lambda: Hybrid(every=3, full_fraction=0.5), "full_fraction"),
     (lambda: TopKRetrieval(top_k=0), "top_k"),
     (lambda: TopKRetrieval(select="ann"), "exact"),
     (lambda: MPCViT(kind="gelu"), "relu"),
@@ -391,7 +396,8 @@ def test_pbs_hands_the_kernel_permuted_then_ordered_keys():
     args = sparsity.kernel_arguments(call, pattern)
     padded = 80  # 70 keys in whole 16-slot tiles
     assert args["key"].shape[2] == padded + 70 and args["block_mask"].shape[-1] == 2 * 5
-    torch.testing.assert_close(args["key"][:, :, padded:], call.key)
-    permuted = call.key.gather(2, pattern.order[..., None].expand(-1, -1, -1, 16))
+    per_head = call.key.repeat_interleave(2, dim=1)  # one key order per query head: keys copied per query head
+    torch.testing.assert_close(args["key"][:, :, padded:], per_head)
+    permuted = per_head.gather(2, pattern.order[..., None].expand(-1, -1, -1, 16))
     torch.testing.assert_close(args["key"][:, :, :70], permuted)
     assert args["causal"] and args["mask"] is None

@@ -22,3 +22,8 @@ class ModelLoadError(WorkbenchError):
 
 class PromptError(WorkbenchError, ValueError):
     """A prompt that cannot be generated from (too long for the model, wrong type)."""
+
+
+class UnsupportedError(WorkbenchError):
+    """A model feature a component cannot honour (e.g. learned attention sinks under a softmax-free variant):
+    refused rather than silently dropped."""

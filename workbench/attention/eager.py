@@ -25,8 +25,12 @@ class Eager(AttentionVariant):
         output, weights = eager(call.module, call.query, call.key, call.value, _additive(call),
                                 scaling=call.scaling, **call.kwargs)
         weights = weights.float()
-        return AttentionResult(output,
-                               entropy=reference.row_entropy(weights) if "entropy" in want else None,
+        entropy = None
+        if "entropy" in want:
+            entropy = reference.row_entropy(weights)
+            if reference.has_sinks(call):  # the sink's share, 1 - what the keys got, is part of the distribution
+                entropy = entropy + torch.special.entr((1 - weights.sum(-1)).clamp_min(0))
+        return AttentionResult(output, entropy=entropy,
                                probs=weights if "probs" in want else None,
                                key_mass=reference.group_key_mass(weights, call.groups) if "key_mass" in want else None)
 

@@ -55,7 +55,7 @@ class EntropyGuided(AttentionVariant):
             probs = torch.softmax(scores * self.inverse_temperature(scores)[..., None], dim=-1)
             return probs, probs
 
-        return weighted_attention(call, want, weigh)
+        return weighted_attention(call, want, weigh, self.name)
 
     def inverse_temperature(self, scores: torch.Tensor) -> torch.Tensor:
         """beta (batch, heads, rows) for scaled scores (batch, heads, rows, K) with -inf where masked."""

@@ -7,8 +7,9 @@
                   query: |o_variant - o_dense| / |o_dense|.
 
 Dense here means softmax attention over everything the cache holds for the layer (under the cache's own slot
-mask), so the metrics isolate what the attention variant changes. Rows are processed in chunks, so memory stays
-linear in the sequence length.
+mask), so the metrics isolate what the attention variant changes. With learned attention sinks (`s_aux`) the
+dense softmax has the sink column too, and the sink counts as kept (every variant that runs keeps it). Rows are
+processed in chunks, so memory stays linear in the sequence length.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ def attention_fidelity(call: AttentionCall, output: torch.Tensor, kept: torch.Te
     output = output.float().transpose(1, 2)  # (batch, heads, q_len, head_dim)
     recalls, errors = [], []
     for rows in reference.row_chunks(call.query.shape[2]):
-        probs = torch.softmax(reference.scores(call, rows), dim=-1)
+        scores, sink = reference.scores(call, rows), reference.sink_logits(call, rows)
+        if sink is None:
+            probs, sink_share = torch.softmax(scores, dim=-1), 0.0
+        else:
+            probs, distribution = reference.sink_softmax(scores, sink)
+            sink_share = distribution[..., -1]
         dense = reference.by_group(probs, value)
         difference = (output[:, :, rows] - dense).norm(dim=-1)
         errors.append(difference / dense.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny))
         if kept is None:
             recalls.append(torch.full(probs.shape[:-1], float("nan"), device=probs.device))
         else:
-            recalls.append((probs * kept[:, :, rows].to(probs.dtype)).sum(-1))
+            recalls.append((probs * kept[:, :, rows].to(probs.dtype)).sum(-1) + sink_share)
     return torch.cat(recalls, dim=2), torch.cat(errors, dim=2)
 
 

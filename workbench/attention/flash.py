@@ -2,7 +2,9 @@
 
 On a GPU the layer runs the Triton kernel of workbench.kernels.flash_attention: the output, each row's entropy
 from the online softmax, and a second pass for the attention each key received, all without materializing the
-attention matrix. On CPU the same function runs its torch reference (chunked, dense).
+attention matrix. On CPU the same function runs its torch reference (chunked, dense). Options the kernel lacks
+(soft-capping, learned attention sinks `s_aux`) run the dense torch reference instead, which honours them, with a
+one-time warning.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 computation) for a cheap normalization, the others keep it.
 
 With s = q.k * scaling over the n keys a query may see (causal):
-    kind="relu"   -- weights ReLU(s) / n
+    kind="relu"   -- weights ReLU(s) / sum ReLU(s) (MPCViT's ReLU attention); a row whose scores are all <= 0
+                     gets zero weights (output 0) instead of a division by zero. relu_norm="n": ReLU(s) / n
     kind="linear" -- weights s / n (MPCViT's scaling attention)
 The weights of these heads need not sum to 1 (linear ones may be negative); their entropy, rows and key mass are
 reported for the normalized magnitudes |w| / sum |w|, so maps compare across heads. MPCViT searches per-head
@@ -27,8 +28,12 @@ class MPCViT(AttentionVariant):
     summary = "Heterogeneous attention: chosen heads use softmax-free ReLU or scaled-linear attention."
     paper = ("MPCViT: Searching for Accurate and Efficient MPC-Friendly Vision Transformer with Heterogeneous "
              "Attention (Zeng et al., ICCV 2023)")
+    departs = ("the softmax-free heads are chosen by parameter, the same in every layer (MPCViT searches them per "
+               "layer and trains the model with them)")
 
     kind: str = param("relu", "the softmax-free attention of the chosen heads", choices=("relu", "linear"))
+    relu_norm: str = param("sum", "kind=relu: divide by the row's sum of ReLU scores (MPCViT) or by n, the keys "
+                           "it sees", choices=("sum", "n"))
     heads: str = param("", "query heads without softmax, comma-separated (e.g. '0,3'); empty: use fraction")
     fraction: float = param(0.5, "with heads empty: share of the heads without softmax (the first ones)",
                             min=0.0, max=1.0)
@@ -69,13 +74,18 @@ class MPCViT(AttentionVariant):
         cheap[self.cheap_heads(call.query.shape[1])] = True
         cheap = cheap[None, :, None, None]
 
+        tiny = torch.finfo(torch.float32).tiny
+
         def weigh(scores: torch.Tensor, rows: slice):
             seen = torch.isfinite(scores)
-            n = seen.sum(-1, keepdim=True).clamp_min(1)
-            free = (scores.clamp_min(0) if self.kind == "relu" else scores.where(seen, 0.0)) / n
+            free = scores.clamp_min(0) if self.kind == "relu" else scores.where(seen, 0.0)
+            if self.kind == "relu" and self.relu_norm == "sum":
+                free = free / free.sum(-1, keepdim=True).clamp_min(tiny)  # all scores <= 0: zero weights
+            else:
+                free = free / seen.sum(-1, keepdim=True).clamp_min(1)
             magnitude = free.abs()
-            normalized = magnitude / magnitude.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            normalized = magnitude / magnitude.sum(-1, keepdim=True).clamp_min(tiny)
             soft = torch.softmax(scores, dim=-1)
             return torch.where(cheap, free, soft), torch.where(cheap, normalized, soft)
 
-        return weighted_attention(call, want, weigh)
+        return weighted_attention(call, want, weigh, self.name)

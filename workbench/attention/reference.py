@@ -1,6 +1,12 @@
 """Dense attention in plain torch: the ground truth every variant is tested against, and the way paths that
 do not expose their weights (SDPA) report statistics. Rows are processed in chunks so memory stays
-O(chunk x keys) rather than O(queries x keys)."""
+O(chunk x keys) rather than O(queries x keys).
+
+Learned attention sinks (transformers passes them as `s_aux`, GPT-OSS): one logit per query head that joins every
+row's softmax as an extra column and weighs no value, so a row's key weights sum to less than 1 (transformers'
+eager GPT-OSS attention). The statistics follow: `probs` and `key_mass` are the key columns (what that eager code
+returns as weights); `entropy` is that of the whole row distribution, the sink column included (it sums to 1).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import dataclasses
 import torch
 
 from workbench.attention.base import AttentionCall
+from workbench.errors import UnsupportedError
 
 ROW_CHUNK = 256
 
@@ -46,6 +53,29 @@ def scores(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor:
     return s.masked_fill(~allowed(call, rows), float("-inf"))
 
 
+def has_sinks(call: AttentionCall) -> bool:
+    """Whether the model passed learned attention sinks (`s_aux`) for this call."""
+    return call.kwargs.get("s_aux") is not None
+
+
+def sink_logits(call: AttentionCall, rows: slice = slice(None)) -> torch.Tensor | None:
+    """Float32 (batch, heads, q_rows, 1): each query head's learned sink logit, or None without sinks."""
+    if not has_sinks(call):
+        return None
+    s_aux, (batch, heads, _, _) = call.kwargs["s_aux"], call.query.shape
+    if s_aux.numel() != heads:
+        raise UnsupportedError(f"learned attention sinks (s_aux) have shape {tuple(s_aux.shape)}; expected one logit "
+                               f"per query head ({heads})")
+    q_rows = call.query[:, :, rows].shape[2]
+    return s_aux.float().reshape(1, heads, 1, 1).expand(batch, heads, q_rows, 1)
+
+
+def sink_softmax(scores: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over [scores, sink]: (key weights (..., K), the whole distribution (..., K + 1), sink last)."""
+    distribution = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)
+    return distribution[..., :-1], distribution
+
+
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) over the last dim; 0 log 0 counts as 0."""
     return torch.special.entr(probs).sum(-1)
@@ -71,15 +101,24 @@ def dense_attention(call: AttentionCall, want: frozenset[str] = frozenset(), wit
     workbench.attention.base.STATISTICS). `weigh(scores, rows) -> (weights, distribution)` turns a chunk of
     scaled scores (-inf where masked) into the weights that multiply the values and the row distribution the
     statistics describe (both the softmax by default; variants that change the attention function pass their
-    own)."""
+    own). With learned sinks (see the module docstring) the softmax takes the sink column; `weigh` must then be the
+    plain softmax (a changed attention function has no defined sink)."""
     value = call.value.float() if with_output else None
     outputs, parts = [], {name: [] for name in want}
     for rows in row_chunks(call.query.shape[2]):
-        weights, probs = weigh(scores(call, rows), rows)
+        sink = sink_logits(call, rows)
+        if sink is None:
+            weights, probs = weigh(scores(call, rows), rows)
+            distribution = probs
+        else:
+            if weigh is not softmax_weights:
+                raise UnsupportedError("learned attention sinks (s_aux) are defined for softmax attention only")
+            probs, distribution = sink_softmax(scores(call, rows), sink)
+            weights = probs
         if with_output:
             outputs.append(by_group(weights, value))
         if "entropy" in want:
-            parts["entropy"].append(row_entropy(probs))
+            parts["entropy"].append(row_entropy(distribution))
         if "probs" in want:
             parts["probs"].append(probs)
         if "key_mass" in want:
@@ -107,6 +146,9 @@ def head_rows(call: AttentionCall, heads: tuple[int, ...] | None = None) -> torc
     mask = call.mask
     if mask is not None and mask.shape[1] > 1:
         mask = mask[:, list(heads)]
+    kwargs = call.kwargs
+    if has_sinks(call):  # each kept head keeps its own sink logit
+        kwargs = {**kwargs, "s_aux": kwargs["s_aux"].reshape(-1)[list(heads)]}
     one_head_each = dataclasses.replace(call, query=call.query[:, list(heads)], key=call.key[:, kv_heads],
-                                        value=call.value[:, kv_heads], mask=mask, probs_heads=None)
+                                        value=call.value[:, kv_heads], mask=mask, probs_heads=None, kwargs=kwargs)
     return dense_attention(one_head_each, frozenset({"probs"}), with_output=False)[1]["probs"]

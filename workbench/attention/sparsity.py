@@ -36,7 +36,8 @@ class Sparsity:
     block_mask -- bool (batch|1, heads, ceil(Q/block_size), ceil(K/block_size)); True = the tile may be seen
     block_size -- tile edge for block_mask
     mask       -- bool broadcastable to (batch, heads, Q, K): a token-level restriction
-    order      -- long (batch, kv_heads, K) or None: a permutation of the key slots (PBS). The keys are then
+    order      -- long (batch, kv_heads or heads, K) or None: a permutation of the key slots (PBS), one per KV head
+                  (shared by its query heads) or one per query head. The keys are then
                   offered twice: permuted (padded to whole tiles), followed by the keys in slot order, and
                   block_mask has 2 * ceil(K/block_size) key-tile columns - the permuted copy's, then the slot
                   order's. A query sees a key through either copy; the kernel loads only the chosen tiles.
@@ -120,21 +121,21 @@ def covering_tiles(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     return tiles.any(-1).any(-2)
 
 
-def by_query_head(order: torch.Tensor, groups: int) -> torch.Tensor:
-    """Key order per KV head (batch, kv_heads, K) -> per query head (batch, heads, K)."""
-    return order.repeat_interleave(groups, dim=1)
+def by_query_head(order: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key order per KV head (batch, kv_heads, K) or already per query head -> per query head (batch, heads, K)."""
+    return order if order.shape[1] == heads else order.repeat_interleave(heads // order.shape[1], dim=1)
 
 
-def permute_keys(mask: torch.Tensor, order: torch.Tensor, groups: int) -> torch.Tensor:
+def permute_keys(mask: torch.Tensor, order: torch.Tensor, heads: int) -> torch.Tensor:
     """Mask (..., Q, K) in slot order -> the same mask in `order` (column j is slot order[j])."""
-    index = by_query_head(order, groups)[:, :, None, :]
+    index = by_query_head(order, heads)[:, :, None, :]
     index = index.expand(index.shape[0], index.shape[1], mask.shape[-2], index.shape[-1])
     return mask.expand(index.shape[0], index.shape[1], -1, -1).gather(-1, index)
 
 
-def unpermute_keys(mask: torch.Tensor, order: torch.Tensor, groups: int) -> torch.Tensor:
+def unpermute_keys(mask: torch.Tensor, order: torch.Tensor, heads: int) -> torch.Tensor:
     """Mask (..., Q, K) in `order` -> the same mask in slot order."""
-    index = by_query_head(order, groups)[:, :, None, :]
+    index = by_query_head(order, heads)[:, :, None, :]
     index = index.expand(index.shape[0], index.shape[1], mask.shape[-2], index.shape[-1])
     source = mask.expand(index.shape)
     return torch.empty_like(source).scatter_(-1, index, source)
@@ -152,7 +153,7 @@ def dense_mask(call: AttentionCall, sparsity: Sparsity) -> torch.Tensor:
         else:
             permuted, in_order = tiles.chunk(2, dim=-1)
             pattern = expand_tiles(in_order, sparsity.block_size, q_len, k_len) | unpermute_keys(
-                expand_tiles(permuted, sparsity.block_size, q_len, k_len), sparsity.order, call.groups)
+                expand_tiles(permuted, sparsity.block_size, q_len, k_len), sparsity.order, call.query.shape[1])
     if sparsity.mask is not None:
         pattern = sparsity.mask if pattern is None else pattern & sparsity.mask
     return keep if pattern is None else keep & pattern
@@ -166,8 +167,8 @@ def masked(call: AttentionCall, mask: torch.Tensor) -> AttentionCall:
 # -- the fused kernel path -------------------------------------------------------------------------------------
 def _fused_kernel(call: AttentionCall):
     """workbench.kernels.flash_attention for this call, or None where the torch reference must run (CPU,
-    no Triton, soft-capped scores or a head size the kernel does not implement)."""
-    if call.kwargs.get("softcap") or call.query.shape[-1] not in HEAD_DIMS:
+    no Triton, soft-capped scores, learned attention sinks or a head size the kernel does not implement)."""
+    if call.kwargs.get("softcap") or reference.has_sinks(call) or call.query.shape[-1] not in HEAD_DIMS:
         return None
     return flash_attention if use_triton(call.query, "flash_attention") else None
 
@@ -197,7 +198,10 @@ def _permuted_arguments(call: AttentionCall, sparsity: Sparsity) -> dict:
     the kernel's own causality stays right; a token mask is needed only for a window or a cache slot mask."""
     k_len, bs = call.key.shape[2], sparsity.block_size
     pad = -k_len % bs
-    index = sparsity.order[..., None].expand(-1, -1, -1, call.key.shape[-1])
+    key, value = call.key, call.value
+    if sparsity.order.shape[1] != key.shape[1]:  # one order per query head: each query head gets its own keys
+        key, value = (x.repeat_interleave(call.groups, dim=1) for x in (key, value))
+    index = sparsity.order[..., None].expand(-1, -1, -1, key.shape[-1])
 
     def doubled(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.nn.functional.pad(x.gather(2, index), (0, 0, 0, pad)), x], dim=2)
@@ -207,9 +211,9 @@ def _permuted_arguments(call: AttentionCall, sparsity: Sparsity) -> dict:
     padding_loaded = pad > 0 and bool(sparsity.block_mask[..., tiles - 1].any())  # zero keys must not count
     if call.mask is not None or sparsity.window > 0 or sparsity.mask is not None or padding_loaded:
         keep = dense_mask(call, dataclasses.replace(sparsity, block_mask=None, order=None))
-        permuted = torch.nn.functional.pad(permute_keys(keep, sparsity.order, call.groups), (0, pad))
+        permuted = torch.nn.functional.pad(permute_keys(keep, sparsity.order, call.query.shape[1]), (0, pad))
         mask = torch.cat([permuted, keep.expand_as(permuted[..., :k_len])], dim=-1)
-    return dict(key=doubled(call.key), value=doubled(call.value), causal=True, window=0, sinks=0,
+    return dict(key=doubled(key), value=doubled(value), causal=True, window=0, sinks=0,
                 block_mask=_per_head(sparsity.block_mask, call), block_size=bs, mask=mask)
 
 
@@ -226,8 +230,9 @@ def _attend_fused(flash_attention, call: AttentionCall, sparsity: Sparsity, want
                           entropy="entropy" in want, key_mass="key_mass" in want)
     key_mass = out.key_mass if "key_mass" in want else None
     if key_mass is not None and sparsity.order is not None:  # both copies of a key add up to its mass
-        k_len = call.key.shape[2]
+        k_len, kv_heads = call.key.shape[2], call.key.shape[1]
         key_mass = key_mass[..., -k_len:].scatter_add(-1, sparsity.order, key_mass[..., :k_len])
+        key_mass = key_mass.unflatten(1, (kv_heads, -1)).sum(2)  # keys copied per query head: back to KV heads
     probs = None
     if "probs" in want:  # rows are only materialized for the heads the observer keeps
         probs = reference.head_rows(masked(call, kept_mask(call)), call.probs_heads)
@@ -277,11 +282,11 @@ def causal_tiles(call: AttentionCall, block_size: int) -> torch.Tensor:
 def pooled_tile_scores(call: AttentionCall, block_size: int, key: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 (batch, heads, Q tiles, K tiles): mean query of each query tile . mean key of each key tile,
     scaled; the cheap block-importance estimate of MInference's block-sparse pattern. `key` overrides
-    call.key (e.g. keys in a permuted order)."""
-    key = call.key if key is None else key
-    return torch.matmul(_tile_means(call.query.float(), block_size),
-                        _tile_means(key.float(), block_size).repeat_interleave(call.groups, dim=1)
-                        .transpose(-1, -2)) * call.scaling
+    call.key (e.g. keys in a permuted order, per KV head or per query head)."""
+    key_means = _tile_means((call.key if key is None else key).float(), block_size)
+    if key_means.shape[1] != call.query.shape[1]:  # keys per KV head: every query head of the group uses them
+        key_means = key_means.repeat_interleave(call.groups, dim=1)
+    return torch.matmul(_tile_means(call.query.float(), block_size), key_means.transpose(-1, -2)) * call.scaling
 
 
 def _tile_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -301,6 +306,17 @@ def top_tiles(scores: torch.Tensor, eligible: torch.Tensor | None, top_k: int) -
     ranked = (scores if eligible is None else scores.masked_fill(~eligible, float("-inf"))).topk(k, dim=-1).indices
     chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, ranked, True)
     return chosen if eligible is None else chosen & eligible
+
+
+def mass_tiles(scores: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bool like `scores` (..., n): per row, the fewest highest-scoring eligible entries whose softmax share (the
+    softmax over the row's eligible entries) reaches `threshold` - PBS's cumulative-mass block selection. Rows
+    with nothing eligible choose nothing."""
+    probs = torch.softmax(scores.masked_fill(~eligible, float("-inf")), dim=-1).nan_to_num(0.0)
+    ranked, order = probs.sort(dim=-1, descending=True)
+    better = ranked.cumsum(-1) - ranked  # the mass of the entries ranked above each one
+    chosen = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, order, better < threshold)
+    return chosen & eligible
 
 
 def check_block_size(component, block_size: int, name: str = "block_size") -> None:

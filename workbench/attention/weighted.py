@@ -10,6 +10,7 @@ import torch
 
 from workbench.attention import reference
 from workbench.attention.base import STATISTICS, AttentionCall, AttentionResult
+from workbench.errors import UnsupportedError
 
 # weigh(scores, rows) -> (weights, distribution): scores are float32 (batch, heads, rows, K), scaled, -inf where
 # the query may not look; `weights` multiply the values; `distribution` (rows summing to 1) is what the
@@ -17,6 +18,11 @@ from workbench.attention.base import STATISTICS, AttentionCall, AttentionResult
 Weigh = Callable[[torch.Tensor, slice], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def weighted_attention(call: AttentionCall, want: frozenset[str], weigh: Weigh) -> AttentionResult:
+def weighted_attention(call: AttentionCall, want: frozenset[str], weigh: Weigh, name: str) -> AttentionResult:
+    """Attention with the variant's own weights; `name` (the variant's) is for the error below."""
+    if reference.has_sinks(call):  # a learned sink is one more softmax column: a changed function has no such column
+        raise UnsupportedError(f"attention '{name}' changes the attention function and cannot honour the learned "
+                               "attention sinks (s_aux) this model passes; use a softmax variant (eager, flash or a "
+                               "sparse one)")
     output, statistics = reference.dense_attention(call, frozenset(want) & frozenset(STATISTICS), weigh=weigh)
     return AttentionResult(output, **statistics)
