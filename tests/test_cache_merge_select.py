@@ -27,6 +27,10 @@ def one_layer():
     return wb.tiny("llama", num_hidden_layers=1)
 
 
+EVERY_LAYER_AT_PREFILL = {"full_layers": "", "compress": "both"}  # D2O's defaults compress no layer of these models
+# at the prefill (layers 0, 1 and the last stay whole; compression starts at the first decoding step)
+
+
 def filled_cache(model, policy, keys, values=None, token_ids=None):
     cache = policy.build(model)
     fill(cache, 0, keys, values, token_ids=token_ids)
@@ -161,7 +165,7 @@ def d2o_merged(kept, absorbed, similarities):
 
 def test_d2o_merges_above_the_threshold_with_similarity_weights(one_layer):
     keys, values = D2O_KEYS.expand(2, -1, -1).clone(), torch.randn(2, 6, 4)
-    cache = filled_cache(one_layer, wb.cache.get("d2o", budget=3, sinks=0, window=1, threshold=0.5), keys, values)
+    cache = filled_cache(one_layer, wb.cache.get("d2o", budget=3, window=1, threshold=0.5, **EVERY_LAYER_AT_PREFILL), keys, values)
     attend(cache, torch.randn(4, 6, 4), key_mass=mass(6, {1: 3.0, 3: 2.0}))
     assert held_positions(cache) == [[1, 3, 5]] * 2
     assert [m.tolist() for *_, m in cache.drain_events()] == [[1, 1, -1]] * 2  # 0 and 2 into 1; 4 dropped
@@ -175,25 +179,50 @@ def test_d2o_merges_above_the_threshold_with_similarity_weights(one_layer):
 
 def test_d2o_threshold_is_an_ema_of_the_similarities(one_layer):
     keys = D2O_KEYS.expand(2, -1, -1).clone()
-    cache = filled_cache(one_layer, wb.cache.get("d2o", budget=3, sinks=0, window=1, beta=0.5), keys)
+    cache = filled_cache(one_layer, wb.cache.get("d2o", budget=3, window=1, **EVERY_LAYER_AT_PREFILL), keys)
     attend(cache, torch.randn(4, 6, 4), key_mass=mass(6, {1: 3.0, 3: 2.0}))
     u0, u2 = cos(keys[0, 0], keys[0, 1]), cos(keys[0, 2], keys[0, 1])
     tau = (u0 + u2 + 0.0) / 3  # the first eviction starts the average: 0.617, so 0 and 2 merge, 4 does not
-    assert cache.layers[0].state["threshold"].tolist() == pytest.approx([tau, tau])
+    assert float(cache.layers[0].state["threshold"]) == pytest.approx(tau)
     assert [m.tolist() for *_, m in cache.drain_events()] == [[1, 1, -1]] * 2
     # a decoding step: token 6 arrives, 5 (least attention) is evicted; its best match is 6 (cos 0.981)
     new_key = torch.tensor([0, 0, 0.2, 1.0])
     fill(cache, 0, new_key.expand(2, 1, 4).clone(), torch.randn(2, 1, 4))
     attend(cache, torch.randn(4, 1, 4), key_mass=torch.tensor([[[0.0, 0.0, 0.0, 0.5]] * 2]))
     u5 = cos(keys[0, 5], new_key)
-    tau = 0.5 * tau + 0.5 * u5  # 0.799 <= 0.981: merged
-    assert cache.layers[0].state["threshold"].tolist() == pytest.approx([tau, tau])
+    tau = 0.5 * tau + 0.5 * u5  # D2O's code: both EMA weights 0.5; 0.799 <= 0.981: merged
+    assert float(cache.layers[0].state["threshold"]) == pytest.approx(tau)
     assert held_positions(cache) == [[1, 3, 6]] * 2
     assert [m.tolist() for *_, m in cache.drain_events()] == [[6]] * 2
 
 
+def test_d2o_threshold_is_shared_by_the_heads_of_a_layer(one_layer):
+    """D2O's code gates merges by the head mean: head 1's evicted tokens are dissimilar to what it keeps, head 0's
+    similar; one threshold, the mean of the two heads' mean similarities, decides for both."""
+    keys = D2O_KEYS.expand(2, -1, -1).clone()
+    keys[1, [0, 2]] = torch.tensor([[0, 0, 0, -1.0], [0, 0, -1.0, 0]])  # head 1: orthogonal or opposite
+    cache = filled_cache(one_layer, wb.cache.get("d2o", budget=3, window=1, **EVERY_LAYER_AT_PREFILL), keys)
+    attend(cache, torch.randn(4, 6, 4), key_mass=mass(6, {1: 3.0, 3: 2.0}))
+    best = [[cos(keys[h, e], keys[h, c]) for c in (1, 3, 5)] for h in range(2) for e in (0, 2, 4)]
+    per_head = [sum(max(b) for b in best[3 * h:3 * h + 3]) / 3 for h in range(2)]
+    assert float(cache.layers[0].state["threshold"]) == pytest.approx(sum(per_head) / 2)
+    merged = [m.tolist() for *_, m in cache.drain_events()]
+    assert merged == [[1, 1, -1], [-1, -1, -1]]  # head 0's 0.96 and 0.89 clear the shared 0.31; head 1's do not
+
+
+def test_d2o_defaults_keep_layers_0_1_and_the_last_whole_and_compress_when_decoding_starts():
+    model = wb.tiny("llama", num_hidden_layers=4)
+    session = wb.Session(model, wb.cache.get("d2o", budget=40, window=8))
+    ids = model.encode(PROMPT)
+    session.feed(ids, "prefill")
+    assert (session.cache.tokens_held() == ids.shape[1]).all()  # nothing compressed at the prefill
+    session.feed([65], "decode")
+    held = session.cache.tokens_held()
+    assert (held[[0, 1, 3]] == ids.shape[1] + 1).all() and (held[2] < ids.shape[1]).all()
+
+
 def test_d2o_prefill_allocates_by_each_layers_density_then_compresses_all(tiny_llama):
-    policy = wb.cache.get("d2o", budget=48, window=8)
+    policy = wb.cache.get("d2o", budget=48, window=8, **EVERY_LAYER_AT_PREFILL)
     ids = tiny_llama.encode(PROMPT)
     session = wb.Session(tiny_llama, policy)
     session.feed(ids, "prefill")
@@ -213,12 +242,13 @@ def test_d2o_prefill_allocates_by_each_layers_density_then_compresses_all(tiny_l
         expected = (torch.special.entr(rows).sum(-1) / visible.log()).mean()
         assert density == pytest.approx(float(expected), abs=1e-4)
     budgets = [b[0] for b in cache.state["budgets"]]
-    assert budgets == policy.allocate(48, densities, prompt_length=n)
+    assert budgets == [max(8, round(48 * 2 * d / sum(densities))) for d in densities]  # shares of 48 x 2 layers
     assert cache.tokens_held().tolist() == [[b, b] for b in budgets]
 
 
 def test_d2o_records_merges_in_the_trace(tiny_llama):
-    run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("d2o", budget=48, window=8), max_new_tokens=4,
+    run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get("d2o", budget=48, window=8, full_layers=""),
+                      max_new_tokens=4,
                       ignore_eos=True, record=["cache"])
     assert_merges_are_traced(run.steps)
 
@@ -398,7 +428,7 @@ def test_a_narrow_selection_really_masks_during_decoding(tiny_llama, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_under_budget_the_cache_really_holds_less(tiny_llama, name):
     budget, steps = 48, 6
-    params = {"budget": budget, "window": 8}
+    params = {"budget": budget, "window": 8, **({"full_layers": ""} if name == "d2o" else {})}
     run = wb.generate(tiny_llama, PROMPT, cache=wb.cache.get(name, **params), max_new_tokens=steps,
                       ignore_eos=True, record=["cache"])
     trace, text = run.steps, tiny_llama.text_config
@@ -407,11 +437,12 @@ def test_under_budget_the_cache_really_holds_less(tiny_llama, name):
     assert_bytes_are_real(tiny_llama, trace)
     if name == "mpcache":  # evicts once, then grows
         assert (held[0] == budget).all() and (held[-1] == budget + steps - 1).all()
-    elif name == "d2o":  # per-layer budgets averaging the budget
-        assert (abs(held.mean(axis=(1, 2)) - budget) <= 1).all() and (held != budget).any()
+    elif name == "d2o":  # compressed from the first decoding step on, to per-layer budgets averaging the budget
+        assert (held[0] == len(run.prompt_ids)).all()
+        assert (abs(held[1:].mean(axis=(1, 2)) - budget) <= 1).all() and (held[1:] != budget).any()
     else:
         assert (held == budget).all()
-    assert run.peak_cache_bytes < len(run.prompt_ids) * 2 * text.num_key_value_heads * bytes_per_token
+    assert trace["cache_bytes"].values[-1] < len(run.prompt_ids) * 2 * text.num_key_value_heads * bytes_per_token
 
 
 def test_bad_parameters_fail_clearly():
@@ -423,8 +454,10 @@ def test_bad_parameters_fail_clearly():
         wb.cache.get("d2o", beta=2)
     with pytest.raises(wb.ParameterError, match="'threshold' is -3.0; it must be >= -1.0"):
         wb.cache.get("d2o", threshold=-3)
-    with pytest.raises(wb.ParameterError, match=r"budget 16 is smaller than sinks \+ window \(4 \+ 32\)"):
+    with pytest.raises(wb.ParameterError, match=r"budget 16 is smaller than sinks \+ window \(0 \+ 32\)"):
         wb.cache.get("d2o", budget=16)
+    with pytest.raises(wb.ParameterError, match="'full_layers' is 'first'; expected comma-separated layer indices"):
+        wb.cache.get("d2o", full_layers="first")
     with pytest.raises(wb.ParameterError, match="top_coarse=9 of only coarse=8 clusters; use top_coarse <= coarse"):
         wb.cache.get("mpcache", top_coarse=9)
     with pytest.raises(wb.ParameterError, match="at most top_coarse \\* fine = 8; use top_fine <= 8"):
@@ -455,5 +488,5 @@ def test_embedded_model(embedded, embedded_full, name):
     big = wb.generate(embedded, EMBEDDED_PROMPT, cache=wb.cache.get(name, **EVERYTHING[name]), max_new_tokens=8)
     assert big.token_ids == embedded_full.token_ids
     small = wb.generate(embedded, EMBEDDED_PROMPT, cache=wb.cache.get(name, **EMBEDDED_SMALL[name]),
-                        max_new_tokens=8)
-    assert small.peak_cache_bytes < embedded_full.peak_cache_bytes / 2
+                        max_new_tokens=8, record=["cache"])
+    assert int(small.steps["cache_bytes"][-1]) < embedded_full.held_cache_bytes / 2  # d2o: from the first step on

@@ -198,7 +198,8 @@ def run_command(args) -> int:
           f"(prefill {run.prefill_seconds * 1000:.0f} ms for {len(run.prompt_ids)} prompt tokens, "
           f"decode {run.decode_tokens_per_s:.1f} tokens/s)")
     evicted = int((run.trace["cache_evicted_at"] >= 0).sum()) if "cache_evicted_at" in run.trace else 0
-    print(f"cache: peak {run.peak_cache_bytes / 2**20:.2f} MiB, {evicted} entries evicted ({components['cache']})")
+    print(f"cache: peak {run.peak_cache_bytes / 2**20:.2f} MiB (held after a pass: "
+          f"{run.held_cache_bytes / 2**20:.2f} MiB), {evicted} entries evicted ({components['cache']})")
     print(entropy_summary_line(run))
     if "fidelity" in record:
         print(fidelity_summary_line(run))

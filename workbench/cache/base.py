@@ -7,6 +7,7 @@ A policy decides; it never touches storage tensors. The cache calls it with one 
 
     begin_pass(cache, forward)   a forward pass starts (its phase, positions and token ids)
     wants(layer, phase)          attention statistics the policy needs from this layer's attention
+    attended(layer, call)        the keys and values the call's queries read (default: as stored)
     visible(layer, call)         query-aware selection: bool (kv_heads, q, slots) narrowing what each query sees
     observe(layer, call, result) the layer's attention ran: update statistics
     evict(layer, call, result)   decide what goes (from the call's phase, the budget, the statistics) and keep/merge
@@ -45,6 +46,9 @@ class CachePolicy(Component):
 
     def wants(self, layer: int, phase: str) -> frozenset[str]:
         return self.needs
+
+    def attended(self, layer, call):
+        return call.key, call.value
 
     def visible(self, layer, call):
         return None

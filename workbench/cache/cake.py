@@ -16,7 +16,6 @@ budget while decoding evicts by the current query's (pooled) attention, as the a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +63,7 @@ class CAKE(EvictionPolicy):
         if call.phase != "prefill":  # decoding (compress="both"): the base evicts to the final budgets
             return super().evict(layer, call, result)
         cache, n = layer.cache, call.num_queries
-        base = self.budget if self.ratio is None else max(1, math.ceil(self.ratio * n))
+        base = self.base_budget(n)
         protected = self.sinks + self.window
         probs = window_attention_rows(call, self.window)
         preferences = cache.state.get("preferences", [])[:layer.index] + [

@@ -6,13 +6,15 @@ Dynamic Discriminative Operations decide at two levels:
   prompt's last `window` query rows (entropy / log(keys visible), averaged over rows and heads: 1 for uniform
   attention, 0 for attention on one token). Layers with denser attention keep more:
       budget_l = round(budget * L * density_l / Σ_j density_j), at least sinks + window
-  (uniform when the prompt fits the budget). So that every layer's density is known before any is compressed,
-  prefill eviction waits for the last layer and then compresses all layers at once.
+  (uniform when the prompt fits the budget). As in D2O's code, layers 0, 1 and the last are never compressed
+  (`full_layers`), and the cache is first compressed at the first decoding step (compress="decode"), when every
+  layer's density is known.
 - token level: what is evicted is chosen as in H2O (accumulated attention received, plus sinks and a recent
   window). Each evicted token e finds the kept token c with the most similar key, u = cos(k_e, k_c). It is merged
   when u >= the threshold tau, else dropped; tau is an exponential moving average, per layer and KV head, of the
-  mean best similarity of the tokens evicted at each eviction (tau <- beta tau + (1 - beta) mean u, starting at the
-  first mean), unless a fixed `threshold` is given. A kept token c absorbing the set E_c is updated as
+  mean best similarity of the tokens evicted at each eviction, averaged over the layer's KV heads (one threshold
+  per layer, as D2O's code gates merges by the head mean; tau <- beta tau + (1 - beta) mean u with beta = 0.5,
+  starting at the first mean), unless a fixed `threshold` is given. A kept token c absorbing the set E_c is updated as
       k_c <- (e k_c + Σ_{e in E_c} exp(u_e) k_e) / (e + Σ exp(u_e))    (e = exp(1): c's similarity to itself)
   and likewise for its value.
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.attention import reference
+from workbench.cache.eviction import PHASES
 from workbench.cache.h2o import H2O
 from workbench.registry import param
 
@@ -47,9 +50,13 @@ class D2O(H2O):
     paper = ("D2O: Dynamic Discriminative Operations for Efficient Generative Inference of Large Language Models "
              "(Wan et al., arXiv 2024)")
     departs = ("density is a normalised entropy and the allocation a plain proportional share; merge decisions are "
-          "final; inside a verify or rollout pass it evicts once, at commit (merges cannot be tentative)")
+               "final; one merge threshold per layer (our reading of the code's head mean); inside a verify or "
+               "rollout pass it evicts once, at commit (merges cannot be tentative)")
 
-    beta: float = param(0.7, "EMA weight of the past merge threshold (the rest: this eviction's mean similarity)",
+    window: int = param(32, "most recent tokens always kept (and the rows that measure the density)", min=0)
+    compress: str = param("decode", "when to evict (D2O: from the first decoding step on)", choices=PHASES)
+    full_layers: str = param("0,1,-1", "layers never compressed (D2O keeps layers 0, 1 and the last whole)")
+    beta: float = param(0.5, "EMA weight of the past merge threshold (the rest: this eviction's mean similarity)",
                         min=0.0, max=1.0)
     threshold: float | None = param(None, "fixed merge threshold on key cosine similarity; None: the EMA (as D2O)",
                                     min=-1.0, max=1.0)
@@ -83,8 +90,7 @@ class D2O(H2O):
         if layer.index < cache.num_layers - 1:
             return
         n = call.num_queries
-        base = self.budget if self.ratio is None else max(1, math.ceil(self.ratio * n))
-        cache.state["budgets"] = [[b] * cache.num_kv_heads for b in self.allocate(base, densities, n)]
+        self.set_budgets(cache, self.allocate(self.base_budget(n), densities, n))
         if self.compress == "decode":
             return
         for each, budgets in zip(cache.layers, cache.state["budgets"]):
@@ -107,14 +113,16 @@ class D2O(H2O):
         return torch.where(merged, positions.gather(1, nearest), -1)
 
     def threshold_now(self, layer, best: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-        """(kv_heads,) merge threshold: the fixed one, or the EMA of each eviction's mean best similarity."""
+        """(kv_heads,) merge threshold, the same for every head of the layer: the fixed one, or the EMA of each
+        eviction's mean best similarity (the mean over the heads that evict of each head's mean)."""
         if self.threshold is not None:
             return torch.full((best.shape[0],), self.threshold, device=best.device)
         count = dropped.sum(-1)
-        current = best.sum(-1) / count.clamp_min(1)
+        evicting = count > 0
+        if not evicting.any():
+            return torch.full((best.shape[0],), float("nan"), device=best.device)
+        current = (best.sum(-1)[evicting] / count[evicting]).mean()
         previous = layer.state.get("threshold")
-        tau = current if previous is None else torch.where(
-            torch.isnan(previous), current, self.beta * previous + (1 - self.beta) * current)
-        tau = torch.where(count > 0, tau, float("nan") if previous is None else previous)
+        tau = current if previous is None else self.beta * previous + (1 - self.beta) * current
         layer.state["threshold"] = tau  # replaced, never changed in place (states are snapshotted shallowly)
-        return tau
+        return tau.expand(best.shape[0])

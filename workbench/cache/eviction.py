@@ -10,13 +10,15 @@ best-scored others up to the budget, and frees the rest. When it compresses foll
     append           a later turn: policies that compress while decoding keep their budget; prefill-only policies
                      re-compress only with compress_turns=True
 
-Budgets are fixed at the prefill (from the prompt length when `ratio` is given). Ties between scores go to the
+Budgets are fixed at the prefill (from the prompt length when `ratio` is given); the layers named in `full_layers`
+are never compressed (KNorm's and D2O's reference code keep layers 0 and 1 whole). Ties between scores go to the
 older token (a stable sort), so the same inputs keep the same tokens however the slots are laid out.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,6 +31,7 @@ from workbench.registry import param
 
 PHASES = ("prefill", "decode", "both")
 PROTECTED = 1e37  # ranks protected tokens above any score; newer protected tokens above older ones
+WHOLE = sys.maxsize  # the budget of a layer that is never compressed
 
 
 @dataclass
@@ -43,15 +46,38 @@ class EvictionPolicy(CachePolicy):
     every: int = param(1, "during decoding, evict every this many steps (the cache may exceed the budget between)",
                        min=1)
     compress_turns: bool = param(False, "prefill-only policies: also compress each later turn (an 'append' pass)")
+    full_layers: str = param("", "layers never compressed, comma-separated (negative: from the last, '-1' the last)")
 
     store = RaggedStore
 
     def validate(self) -> None:
         if self.ratio is not None and self.ratio <= 0:
             raise ParameterError(f"cache '{self.name}' parameter 'ratio' must be > 0")
-        if self.ratio is None and self.budget < self.sinks + self.window:
+        if self.ratio is None and self.budget < self.sinks + self.recent(self.budget):
             raise ParameterError(f"cache '{self.name}' budget {self.budget} is smaller than sinks + window "
-                                 f"({self.sinks} + {self.window}); raise the budget or lower sinks/window")
+                                 f"({self.sinks} + {self.recent(self.budget)}); raise the budget or lower "
+                                 "sinks/window")
+        self.whole_layers(1)  # a malformed list fails here, not at the first run
+
+    def recent(self, budget: int) -> int:
+        """The newest tokens a head with this budget always keeps (H2O derives it from the budget)."""
+        return self.window
+
+    def whole_layers(self, num_layers: int) -> set[int]:
+        """The layer indices of `full_layers` in a model of `num_layers` layers."""
+        try:
+            named = [int(part) for part in self.full_layers.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ParameterError(f"cache '{self.name}' parameter 'full_layers' is {self.full_layers!r}; expected "
+                                 "comma-separated layer indices such as '0,1' or '0,1,-1'") from None
+        return {i % num_layers for i in named if -num_layers <= i < num_layers}
+
+    def set_budgets(self, cache, budgets: list[int | list[int]]) -> None:
+        """Store per-layer, per-head budgets in the cache; `full_layers` keep everything."""
+        whole = self.whole_layers(cache.num_layers)
+        cache.state["budgets"] = [[WHOLE] * cache.num_kv_heads if i in whole else
+                                  b if isinstance(b, list) else [b] * cache.num_kv_heads
+                                  for i, b in enumerate(budgets)]
 
     @property
     def acts_while_decoding(self) -> bool:
@@ -80,9 +106,12 @@ class EvictionPolicy(CachePolicy):
     # -- the base's work --------------------------------------------------------------------------------------
     def begin_pass(self, cache, forward) -> None:
         if forward.phase == "prefill":  # budgets may depend on the prompt's length
-            base = self.budget if self.ratio is None else max(1, math.ceil(self.ratio * forward.count))
-            cache.state["budgets"] = [b if isinstance(b, list) else [b] * cache.num_kv_heads
-                                      for b in self.layer_budgets(base, cache.num_layers, forward.count)]
+            self.set_budgets(cache, self.layer_budgets(self.base_budget(forward.count), cache.num_layers,
+                                                       forward.count))
+
+    def base_budget(self, prompt_length: int) -> int:
+        """Tokens per layer and KV head before any per-layer allocation: `budget`, or `ratio` of the prompt."""
+        return self.budget if self.ratio is None else max(1, math.ceil(self.ratio * prompt_length))
 
     def due(self, layer, call) -> bool:
         """Whether this pass (or provisional row) compresses."""
@@ -110,8 +139,10 @@ class EvictionPolicy(CachePolicy):
         valid = layer.valid(call)
         positions = layer.positions()
         newest = layer.newest(call)
-        protected = (positions < self.sinks) | (positions > newest - self.window)
-        if self.sinks + self.window <= min(counts):  # every protected token fits
+        windows = [self.recent(b) for b in budgets]
+        window = torch.tensor(windows, device=positions.device)[:, None]
+        protected = (positions < self.sinks) | (positions > newest - window)
+        if all(self.sinks + w <= c for w, c in zip(windows, counts)):  # every protected token fits
             ranked = self.score(layer, call, result).float().masked_fill(protected, float("inf"))
         else:  # only some do: the newest of them win
             ranked = torch.where(protected, PROTECTED * (1 + positions.float() / (newest + 1)),

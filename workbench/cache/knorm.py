@@ -1,4 +1,8 @@
-"""`knorm`: keep the keys with the smallest L2 norm."""
+"""`knorm`: keep the keys with the smallest L2 norm.
+
+As in the paper's code, layers 0 and 1 are not compressed (their attention is not concentrated on low-norm keys)
+and no sinks or recent window are protected; scores are per KV head, so heads keep different tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.eviction import EvictionPolicy
+from workbench.registry import param
 
 
 @dataclass
@@ -14,6 +19,10 @@ class KNorm(EvictionPolicy):
     name = "knorm"
     summary = "Keep the tokens whose keys have the lowest L2 norm (they tend to draw the most attention)."
     paper = "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression (Devoto et al., EMNLP 2024)"
+
+    sinks: int = param(0, "first tokens always kept (KNorm keeps none)", min=0)
+    window: int = param(0, "most recent tokens always kept (KNorm keeps none)", min=0)
+    full_layers: str = param("0,1", "layers never compressed (KNorm leaves layers 0 and 1 whole)")
 
     def observe(self, layer, call, result) -> None:
         """Each key's norm, computed once, when it arrives (the new tokens are the last slots of every head)."""

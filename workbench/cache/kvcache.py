@@ -330,6 +330,8 @@ class KVCache(Cache):
         self.committed = 0  # positions before this are final
         self.state: dict[str, Any] = {}  # the policy's run state across layers (budgets, ...)
         self.record_events = False  # keep what was evicted, for the trace (costs a copy per eviction)
+        self.peak_nbytes = 0  # the most the buffers occupied at any moment, a multi-token pass's uncompressed
+        # keys and values included (measured before each layer's eviction; a one-token pass adds one slot at most)
 
     # -- passes ---------------------------------------------------------------------------------------------------
     @property
@@ -357,6 +359,7 @@ class KVCache(Cache):
 
     def end_pass(self) -> None:
         forward, self.current = self.current, None
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
         if forward is not None and not forward.provisional:
             self.committed = self.position
 
@@ -439,6 +442,10 @@ class KVCache(Cache):
             visible &= restrict
         return visible[None]
 
+    def attended(self, call) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values the call's queries read (the policy may move keys, see CachePolicy.attended)."""
+        return self.policy.attended(self.layers[call.layer], call)
+
     def slot_positions(self, layer_idx: int) -> torch.Tensor | None:
         return self.layers[layer_idx].store.slot_positions()
 
@@ -450,6 +457,8 @@ class KVCache(Cache):
         if call.decoding:  # every decoded token is a step (a provisional pass arrives here row by row)
             layer.state["decode_steps"] += call.num_queries
         self.policy.observe(layer, call, result)
+        if call.num_queries > 1:  # the pass's tokens are all held, none evicted yet: the transient peak
+            self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
         if not call.provisional or self.policy.tentative:
             self.policy.evict(layer, call, result)
         if call.provisional:

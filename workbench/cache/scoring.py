@@ -19,8 +19,10 @@ def window_attention(call, last: int) -> torch.Tensor:
     return reference.group_key_mass(probs, call.groups)[0]
 
 
-def pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pool scores along keys (odd kernel, same length), so neighbours of important tokens are kept too."""
+def pooled(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
+    """Max- or average-pool non-negative scores along keys (odd kernel, same length, zero padding), so the
+    neighbours of important tokens are kept too."""
     if kernel <= 1:
         return scores
-    return F.max_pool1d(scores[:, None, :], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :]
+    pool = F.max_pool1d if kind == "max" else F.avg_pool1d
+    return pool(scores[:, None, :], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :]

@@ -7,6 +7,10 @@ notebooks to watch a policy decide.
     attend(cache, 0, queries)                # layer 0's attention over them; returns the kept positions per head
     fill(cache, 0, new_key)                  # the next fill of a layer starts the next pass (a decode pass)
     attend(cache, 0, query, AttentionResult(out, key_mass=mass))   # or hand the policy chosen statistics
+
+And an independent oracle for a whole run: `masked_dense_logits(model, run)` rebuilds, from the run's eviction
+log alone, which positions each layer and KV head could see at each step, and recomputes the logits with one
+plain forward of the unmodified model (no cache, no workbench attention) under exactly those masks.
 """
 
 from __future__ import annotations
@@ -84,6 +88,62 @@ def assert_bytes_are_real(model, trace) -> None:
     cache_bytes = trace["cache_bytes"].values
     assert ((cache_bytes >= low) & (cache_bytes <= high)).all(), (cache_bytes, low, high)
     assert (cache_alive(trace).sum("position").values == held).all()
+
+
+ORACLE = "workbench_oracle"  # the attention implementation masked_dense_logits registers in transformers
+ORACLE_KEYWORD = "workbench_oracle_visible"  # the forward keyword carrying its per-layer masks
+
+
+def visibility_from_log(evicted_at: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """Bool (layers, kv_heads, T, T) from `cache_evicted_at` (layers, kv_heads, T): which key position each query
+    position could see. Prompt queries (step 0) see their causal past; the query fed at step s >= 1 (position
+    n_prompt + s - 1) sees the positions not evicted before step s (a policy evicts after a layer's attention, so
+    a token evicted during step s was still seen at step s)."""
+    total = evicted_at.shape[-1]
+    step = (torch.arange(total) - n_prompt + 1).clamp_min(0)  # the step each query position was fed in
+    kept = (evicted_at[..., None, :] < 0) | (evicted_at[..., None, :] >= step[:, None])
+    return kept & torch.ones(total, total, dtype=torch.bool).tril()
+
+
+def masked_dense_logits(model, run) -> torch.Tensor:
+    """Float32 (steps, vocab): the logits the run's model would give with a dense forward over the prompt and the
+    generated tokens in which each layer and KV head attends only to what the run's cache held (its
+    `cache_evicted_at`, so record "cache" in the run). Compare with `run.steps["logits"]`.
+
+    The attention here is written out (scores, mask, softmax, values) independently of workbench's attention
+    variants, its cache and its bridge; transformers' own mask (sliding windows) is applied on top. Policies that
+    merge entries or select per query are outside what an eviction log describes."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ORACLE, _oracle_attention)
+    AttentionMaskInterface.register(ORACLE, sdpa_mask)
+    evicted_at = torch.from_numpy(run.steps["cache_evicted_at"].values.astype("int64"))
+    ids = torch.tensor([run.prompt_ids + run.token_ids[:-1]], device=model.device)
+    visible = visibility_from_log(evicted_at[..., :ids.shape[1]], len(run.prompt_ids)).to(model.device)
+    previous = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation(ORACLE)
+    try:
+        with torch.inference_mode():
+            logits = model.hf(ids, use_cache=False, **{ORACLE_KEYWORD: visible}).logits
+    finally:
+        model.hf.set_attn_implementation(previous)
+    return logits[0, len(run.prompt_ids) - 1:].float().cpu()
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                      **kwargs):
+    """Eager attention under the oracle's per-layer, per-KV-head mask (and transformers' own boolean mask)."""
+    groups = query.shape[1] // key.shape[1]
+    visible = kwargs[ORACLE_KEYWORD][module.layer_idx].repeat_interleave(groups, dim=0)[None]  # (1, heads, T, T)
+    key, value = key.repeat_interleave(groups, dim=1).float(), value.repeat_interleave(groups, dim=1).float()
+    scores = query.float() @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        visible = visible & attention_mask.bool()
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return (probs @ value).to(query.dtype).transpose(1, 2).contiguous(), probs
 
 
 def fake_module(layer: int = 0, groups: int = 1) -> SimpleNamespace:

@@ -6,9 +6,10 @@
     ds.to_netcdf("results.nc")                          # attrs hold the configuration (JSON strings)
 
 Dimensions: policy x budget x task x seed. Variables: accuracy, correct, questions (retrieval tasks; NaN for
-perplexity tasks), perplexity and nll (perplexity tasks; NaN otherwise), peak_cache_bytes, context_tokens,
-seconds, replayed (1 where the prefill was replayed, see workbench.eval.prefill) and reply (the model's replies,
-" | "-joined across turns; "" for perplexity tasks).
+perplexity tasks), perplexity and nll (perplexity tasks; NaN otherwise), peak_cache_bytes (at any moment, the
+uncompressed prefill included), held_cache_bytes (after a forward pass), context_tokens, seconds, replayed (1 where
+the prefill was replayed, see workbench.eval.prefill) and reply (the model's replies, " | "-joined across turns;
+"" for perplexity tasks).
 
 Caches are given as a grid {policy: [budgets]} or a list of entries: a name, (name, {params}), or a built policy.
 Policies without a `budget` parameter (`full`, say) do not depend on it: they run once per task and seed and
@@ -155,8 +156,8 @@ def evaluate(model, caches, tasks: Iterable[Task] | None = None, seeds: int | It
     budgets = sorted({c.budget for c in configs if c.budget is not None}) or [NO_BUDGET]
     shape = (len(policies), len(budgets), len(tasks), len(seeds))
     out = {name: np.full(shape, np.nan) for name in
-           ("accuracy", "correct", "questions", "perplexity", "nll", "peak_cache_bytes", "context_tokens", "seconds",
-            "replayed")}
+           ("accuracy", "correct", "questions", "perplexity", "nll", "peak_cache_bytes", "held_cache_bytes",
+            "context_tokens", "seconds", "replayed")}
     replies = np.full(shape, "", dtype=object)
     failures: list[dict[str, Any]] = []
 
@@ -229,12 +230,14 @@ def score(model, sample, *, cache: Any = "full", attention: Any = "sdpa", router
         result = perplexity(model, sample.context_ids, sample.continuation_ids, cache=cache, chunk=chunk,
                             attention=attention, record=record, router=router)
         return {"perplexity": result.perplexity, "nll": result.mean_nll, "peak_cache_bytes": result.peak_cache_bytes,
+                "held_cache_bytes": result.held_cache_bytes,
                 "context_tokens": len(sample.context_ids), "replayed": float(result.replayed)}, ""
     if sample.kind == "retrieval":
         talk = converse(model, sample, cache=cache, max_new_tokens=max_new_tokens, attention=attention,
                         record=record, router=router)
         return {"accuracy": talk.accuracy, "correct": sum(talk.correct), "questions": len(talk.correct),
-                "peak_cache_bytes": talk.peak_cache_bytes, "context_tokens": talk.prompt_tokens,
+                "peak_cache_bytes": talk.peak_cache_bytes, "held_cache_bytes": talk.held_cache_bytes,
+                "context_tokens": talk.prompt_tokens,
                 "replayed": float(talk.replayed)}, \
             " | ".join(talk.replies)
     if sample.kind == "speed":
@@ -244,7 +247,8 @@ def score(model, sample, *, cache: Any = "full", attention: Any = "sdpa", router
                        max_new_tokens=sample.new_tokens, ignore_eos=True)
         return {"tokens_per_s": run.tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s,
                 "prefill_seconds": run.prefill_seconds, "new_tokens": len(run.token_ids),
-                "peak_cache_bytes": run.peak_cache_bytes, "context_tokens": len(run.prompt_ids)}, run.text
+                "peak_cache_bytes": run.peak_cache_bytes, "held_cache_bytes": run.held_cache_bytes,
+                "context_tokens": len(run.prompt_ids)}, run.text
     raise WorkbenchError(f"task '{sample.task}' made a sample of unknown kind {sample.kind!r}")
 
 
@@ -269,7 +273,8 @@ def _attrs(model, configs, tasks, seeds, failures, max_new_tokens, chunk, attent
         "errors": json.dumps(failures),
         "notes": ("budget: tokens kept per layer and KV head; a policy without a budget parameter fills every "
                   "budget column (budget 0 means no configuration had one). peak_cache_bytes: the most the cache "
-                  "held after any forward pass. Retrieval replies are greedy; a reply is correct when its first "
+                  "held at any moment (a pass's keys and values before the policy compressed them included); "
+                  "held_cache_bytes: the most it held after a forward pass. Retrieval replies are greedy; a reply is correct when its first "
                   "number is the answer."),
         "workbench_version": __version__,
         "torch_version": str(torch.__version__),
@@ -284,7 +289,8 @@ def _describe_variables(ds: xr.Dataset) -> None:
         "questions": ("questions asked", "1"),
         "perplexity": ("perplexity of the continuation", "1"),
         "nll": ("mean negative log-likelihood per continuation token", "nats"),
-        "peak_cache_bytes": ("most bytes the cache held after a forward pass", "bytes"),
+        "peak_cache_bytes": ("most bytes the cache held at any moment, uncompressed prefill included", "bytes"),
+        "held_cache_bytes": ("most bytes the cache held after a forward pass", "bytes"),
         "context_tokens": ("prompt (retrieval) or context (perplexity) tokens", "1"),
         "seconds": ("wall time of the run (a replayed prefill costs nothing here)", "s"),
         "replayed": ("1 where the prompt's prefill was replayed from one shared full-cache prefill", "1"),

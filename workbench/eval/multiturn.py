@@ -25,7 +25,8 @@ from workbench.eval.tasks import RetrievalSample, encode, render
 class Conversation:
     replies: list[str]  # the model's replies, one per question (special tokens removed, stripped)
     correct: list[bool]  # per question: is the first number in the reply the expected answer
-    peak_cache_bytes: int
+    peak_cache_bytes: int  # the most at any moment (a turn's uncompressed prefill included)
+    held_cache_bytes: int  # the most held after a forward pass
     prompt_tokens: int  # tokens of the first turn's prompt
     reply_ids: list[list[int]] = field(default_factory=list)
     replayed: bool = False  # the first prompt's prefill was replayed from a PrefillRecord
@@ -84,10 +85,9 @@ def converse(model, sample: RetrievalSample, cache: Any = "full", max_new_tokens
                 inputs = [token]
             reply_ids.append(generated)
             replies.append(model.decode(generated, skip_special_tokens=True))
-        peak = session.peak_bytes
     stripped = [r.strip() for r in replies]
-    return Conversation(stripped, [is_correct(r, a) for r, a in zip(stripped, sample.answers)], peak,
-                        prompt_tokens, reply_ids, replayed)
+    return Conversation(stripped, [is_correct(r, a) for r, a in zip(stripped, sample.answers)], session.peak_bytes,
+                        session.held_peak_bytes, prompt_tokens, reply_ids, replayed)
 
 
 def _next_turn(tokenizer, sample, replies, last_reply_ids, fed_text):

@@ -23,7 +23,8 @@ from workbench.run import Session
 class PerplexityResult:
     nll: float  # summed negative log-likelihood (nats) of the continuation's tokens
     tokens: int  # how many tokens were scored
-    peak_cache_bytes: int
+    peak_cache_bytes: int  # the most at any moment (the context's uncompressed prefill included)
+    held_cache_bytes: int  # the most held after a forward pass
     replayed: bool = False  # the context's prefill was replayed from a PrefillRecord
 
     @property
@@ -59,5 +60,4 @@ def perplexity(model, context_ids, continuation_ids, cache: Any = "full", chunk:
             # feed the tokens just scored: their logits predict the next ones
             step = continuation_ids[scored - 1:scored - 1 + min(chunk, len(continuation_ids) - scored)]
             logits = session.feed(step, "decode" if len(step) == 1 else "append", logits="all")
-        peak = session.peak_bytes
-    return PerplexityResult(nll, len(continuation_ids), peak, replayed)
+    return PerplexityResult(nll, len(continuation_ids), session.peak_bytes, session.held_peak_bytes, replayed)

@@ -74,7 +74,7 @@ class PrefillRecord:
                                forward)
         finally:
             cache.end_pass()
-        session.peak_bytes = max(session.peak_bytes, cache.nbytes())
+        session.note_bytes()
         return True
 
     def statistics(self, call: AttentionCall, want) -> dict[str, torch.Tensor]:

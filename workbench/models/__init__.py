@@ -46,7 +46,7 @@ def load(name: str | None = None, *, device: str | torch.device | None = None,
 
 def tiny(family: str = "llama", *, seed: int = 0, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = "float32", **config_overrides) -> Model:
-    """A tiny random model of `family` (llama, qwen3, mixtral, qwen3_moe) with a byte tokenizer.
+    """A tiny random model of `family` (llama, qwen3, mixtral, qwen3_moe, gemma2) with a byte tokenizer.
 
     Same seed and overrides give the same weights. `config_overrides` go to the transformers config
     (e.g. num_hidden_layers=3)."""

@@ -28,6 +28,9 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                                      "decoder_sparse_step": 1, "mlp_only_layers": []}),
+    # a sliding-window layer then a full one, and logit softcapping in attention and at the output
+    "gemma2": ("Gemma2Config", {"sliding_window": 24, "attn_logit_softcapping": 20.0, "final_logit_softcapping": 30.0,
+                                "query_pre_attn_scalar": 64, "hidden_activation": "gelu_pytorch_tanh"}),
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 

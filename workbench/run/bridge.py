@@ -87,6 +87,7 @@ class Binding:
         for row in rows:  # row.mask is transformers' mask (of that row): the cache narrows it to its slots
             if cache is not None:
                 row.mask = _per_query_head(cache.attention_mask(row, row.mask), row.groups)
+                row.key, row.value = cache.attended(row)
             result = self.variant.attend(row, want)
             if fidelity:  # a dense recomputation of the same call: what the variant changed
                 fidelities.append(attention_fidelity(row, result.output, kept_keys(self.variant, row)))

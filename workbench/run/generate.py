@@ -66,10 +66,10 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
     config["ignore_eos"] = ignore_eos
 
     generated: list[int] = []
-    peak_bytes, finish = 0, "empty"
+    peak_bytes, held_bytes, finish = 0, 0, "empty"
     if max_new_tokens > 0:
         stop_ids = set() if ignore_eos else model.eos_token_ids
-        generated, peak_bytes, finish = _loop(model, prompt_ids, components, recorder,
+        generated, (peak_bytes, held_bytes), finish = _loop(model, prompt_ids, components, recorder,
                                                                max_new_tokens, stop_ids, stream, progress)
     if "fidelity" in spec.names and generated:
         replay = dense_replay(model, prompt_ids, generated, recorder.evictions)
@@ -90,7 +90,7 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
     step_seconds = [s for s in recorder.along.get("step_seconds", []) if s == s]
     return Run(text=model.decode(generated), token_ids=generated, prompt_ids=prompt_list,
                prefill_seconds=step_seconds[0] if step_seconds else 0.0, decode_seconds=step_seconds[1:],
-               peak_cache_bytes=peak_bytes, finish_reason=finish, trace=trace, config=config)
+               peak_cache_bytes=peak_bytes, held_cache_bytes=held_bytes, finish_reason=finish, trace=trace, config=config)
 
 
 def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, stream, progress):
@@ -140,7 +140,7 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
             started = time.perf_counter()
     if bar is not None:
         bar.close()
-    return generated, session.peak_bytes, finish
+    return generated, (session.peak_bytes, session.held_peak_bytes), finish
 
 
 def _check_step(decoder, session, tokens, before: int) -> None:

@@ -31,7 +31,8 @@ class Run:
     prompt_ids: list[int]
     prefill_seconds: float
     decode_seconds: list[float]  # one per decoding step (a speculative step gives several tokens)
-    peak_cache_bytes: int
+    peak_cache_bytes: int  # the most at any moment: the prompt's keys and values before a policy compressed them
+    held_cache_bytes: int  # the most held after a forward pass (what a compressing policy keeps)
     finish_reason: str  # "eos", "length" or "empty" (max_new_tokens=0)
     trace: xr.Dataset
     config: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +77,7 @@ class Run:
             "tokens_per_s": round(self.tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "peak_cache_bytes": self.peak_cache_bytes,
+            "held_cache_bytes": self.held_cache_bytes,
             "config": self.config,
         }
         trace = self.steps

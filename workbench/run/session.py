@@ -57,11 +57,18 @@ class Session:
         self.attention = attention_family.get(attention)
         self.router = router_family.get(router)
         self.binding = bridge.Binding(self.attention, observer, self.cache)
-        self.peak_bytes = 0  # the most the cache held after any pass
+        self.peak_bytes = 0  # the most the cache held at any moment (a pass's uncompressed tokens included)
+        self.held_peak_bytes = 0  # the most the cache held after any pass (once the policy compressed)
         self.listeners: list[Callable[[ForwardPass, float], None]] = []  # called after every pass
         self.forwards = 0
         self._keep_last = model.keep_logits(1)
         self._cache_keyword = model.cache_keyword
+
+    def note_bytes(self) -> None:
+        """Update the peaks from the cache: what it holds now and the most it held during the pass."""
+        held = self.cache.nbytes()
+        self.held_peak_bytes = max(self.held_peak_bytes, held)
+        self.peak_bytes = max(self.peak_bytes, held, self.cache.peak_nbytes)
 
     def restart(self) -> None:
         """Start over with a fresh cache of the same policy (nothing fed)."""
@@ -104,7 +111,7 @@ class Session:
             raise WorkbenchError(f"commit takes how many of the {tail} provisional tokens to keep (0..{tail}); "
                                  f"got {n!r}")
         self.cache.commit(self.committed + n)
-        self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+        self.note_bytes()
 
     # -- the forward pass -------------------------------------------------------------------------------------
     def feed(self, ids, phase: str, logits: str | None = None) -> torch.Tensor | None:
@@ -137,7 +144,7 @@ class Session:
         finally:
             self.cache.end_pass()
         result = None if logits == "none" else out.logits[0, -1:].float() if logits == "last" else out.logits[0].float()
-        self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+        self.note_bytes()
         self.forwards += 1
         seconds = time.perf_counter() - started
         for listener in self.listeners:

@@ -20,7 +20,8 @@ from workbench.viz import style
 from workbench.viz.backend import ensure_bokeh
 
 HIGHER_IS_BETTER = {"accuracy": True, "correct": True, "tokens_per_s": True, "decode_tokens_per_s": True,
-                    "perplexity": False, "nll": False, "peak_cache_bytes": False, "prefill_seconds": False,
+                    "perplexity": False, "nll": False, "peak_cache_bytes": False, "held_cache_bytes": False,
+                    "prefill_seconds": False,
                     "seconds": False}
 
 

@@ -12,7 +12,8 @@ from workbench.errors import ParameterError
 
 SHOWN = ("accuracy", "perplexity", "tokens_per_s", "peak_cache_bytes")  # by default; others on request
 FORMATS = {"accuracy": "{:.2f}", "perplexity": "{:.2f}", "nll": "{:.3f}", "tokens_per_s": "{:.1f}",
-           "decode_tokens_per_s": "{:.1f}", "peak_cache_bytes": "{:.2f}"}
+           "decode_tokens_per_s": "{:.1f}", "peak_cache_bytes": "{:.2f}",
+           "held_cache_bytes": "{:.2f}"}
 
 
 def table(ds: xr.Dataset, measures: list[str] | tuple[str, ...] | None = None, columns: str | None = None) -> str:
@@ -38,7 +39,7 @@ def table(ds: xr.Dataset, measures: list[str] | tuple[str, ...] | None = None, c
             if "seed" in values.dims:
                 values = values.mean("seed", skipna=True)
             unit = ""
-            if name == "peak_cache_bytes":
+            if name.endswith("cache_bytes"):
                 values, unit = values / 2**20, " (MiB)"
             seeds = f", mean over {ds.sizes['seed']} seeds" if "seed" in ds.dims else ""
             title = f"{task + ': ' if task is not None else ''}{name}{unit}{seeds}"
