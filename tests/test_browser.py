@@ -74,6 +74,25 @@ SOURCE_ROWS = """([selector, column]) => {
 }"""
 
 
+# The shapes of the images (rows, columns) the bokeh plots inside `selector` draw (the live cache raster).
+IMAGE_SHAPES = """(selector) => {
+    const area = document.querySelector(selector);
+    const shapes = [];
+    if (area === null || window.Bokeh === undefined) return shapes;
+    const index = window.Bokeh.index;
+    for (const view of (index.roots ? index.roots : [...index])) {
+        if (!area.contains(view.el)) continue;
+        for (const model of view.model.document.all_models) {
+            const data = model.data;
+            if (data === undefined || data === null || typeof data !== "object") continue;
+            const image = data instanceof Map ? data.get("image") : data["image"];
+            if (image !== undefined && image.length) shapes.push(Array.from(image[0].shape || [image[0].length]));
+        }
+    }
+    return shapes;
+}"""
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, chromium):
     """A JupyterLab server on loopback serving a temporary folder that holds a copy of the quickstart."""
@@ -128,6 +147,7 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             live = panel.locator(".workbench-live")
             live.locator(".bk-Canvas").first.wait_for(timeout=60_000)
             assert page.evaluate(SOURCE_ROWS, [".workbench-live", "entropy"]) == [0], "live plots missing or not empty"
+            assert page.evaluate(SOURCE_ROWS, [".workbench-live", "weight"]) == [0], "no empty live attention row"
             before = live.screenshot()
 
             # change widget values, run, and wait until the panel has drawn the finished run's plots
@@ -141,6 +161,11 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
 
             rows = page.evaluate(SOURCE_ROWS, [".workbench-live", "entropy"])
             assert rows == [6], f"the live entropy curve should hold the 6 generated steps; its source holds {rows}"
+            # the latest token's attention row over every position it saw, and the cache raster: 6 steps x the
+            # positions given to the cache (the prompt and the 5 tokens fed back)
+            [seen] = page.evaluate(SOURCE_ROWS, [".workbench-live", "weight"])
+            shapes = page.evaluate(IMAGE_SHAPES, ".workbench-live")
+            assert [6, seen] in shapes, f"the live cache raster should be 6 steps x {seen} positions: {shapes}"
             assert live.screenshot() != before, "the live plots look the same after a run"
             assert "6 tokens" in panel.inner_text() and panel.locator(".workbench-error").count() == 0
             page.set_viewport_size({"width": 1400, "height": 2400})  # tall enough for the whole panel

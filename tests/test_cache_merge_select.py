@@ -12,7 +12,7 @@ import workbench as wb
 from workbench.attention.base import AttentionResult
 from workbench.cache import testing
 from workbench.cache.kvcache import ForwardPass
-from workbench.cache.testing import assert_bytes_are_real, fill
+from workbench.cache.testing import assert_bytes_are_real, dense_logits_under, fill
 
 NAMES = ["kvmerger", "d2o", "mpcache", "sentence_kv"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens, 3 sentences on the tiny models
@@ -418,11 +418,29 @@ def test_a_narrow_selection_really_masks_during_decoding(tiny_llama, name):
     layers = session.cache.layers
     assert all("selected_fraction" not in layer.state for layer in layers)  # the prefill sees its causal past
     token = torch.tensor([[ids[0, 5]]])
+    policy, chosen = session.cache.policy, {}
+    choose = policy.visible
+
+    def recording(layer, call):  # keep what the policy let the decode query see, per layer
+        selection = choose(layer, call)
+        chosen[layer.index] = (selection, layer.positions().clone())
+        return selection
+
+    policy.visible = recording
     logits = session.feed(token, "decode")[-1]
     assert all(0 < float(layer.state["selected_fraction"]) < 0.8 for layer in layers)
-    with torch.inference_mode():
-        dense = tiny_llama.hf(torch.cat([ids, token], dim=1)).logits[0, -1]
-    assert not torch.allclose(logits, dense, atol=1e-4)  # the mask changed what the query saw
+    # the oracle: a plain dense forward in which the decode query of each layer and KV head sees only the positions
+    # the selection named (the prompt's queries their causal past)
+    n = ids.shape[1] + 1
+    visible = torch.ones(len(layers), 2, n, n, dtype=torch.bool).tril()
+    for index, (selection, positions) in chosen.items():
+        for head in range(2):
+            row = torch.zeros(n, dtype=torch.bool)
+            row[positions[head][selection[head, -1] & (positions[head] >= 0)]] = True
+            visible[index, head, -1] = row
+    assert (visible[:, :, -1].sum(-1) < n * 0.8).all()  # the selection is narrow
+    expected = dense_logits_under(tiny_llama, ids[0].tolist() + [int(token)], visible)[-1]
+    torch.testing.assert_close(logits[0] if logits.dim() == 2 else logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)

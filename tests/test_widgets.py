@@ -85,6 +85,39 @@ def test_run_fills_text_and_feeds_the_live_streams(panel):
     assert not panel.run_button.disabled and panel.stop_button.disabled
 
 
+def test_live_attention_row_and_cache_raster_follow_the_chosen_layer_and_head(tiny_llama):
+    panel = Workbench(tiny_llama, "The quick brown fox jumps over the lazy dog. " * 2, chat=False, max_new_tokens=12,
+                      record=("entropy", "cache", "attention"), cache="streaming_llm", ignore_eos=True)
+    panel.config_a.pickers["cache"].controls["budget"].value = 40
+    panel.live_layer.value, panel.live_head.value = 1, 3
+    run_to_end(panel)
+    assert panel.error.value == ""
+    [run] = panel.runs
+    trace = run.steps
+    # the row: the last step's attention of layer 1, head 3 over the positions it saw, with their tokens
+    row = panel.live.attention_row.data
+    expected = trace["attention"].sel(attn_layer=1, attn_head=3).isel(step=-1).values
+    seen = np.isfinite(expected)
+    np.testing.assert_array_equal(row["position"].to_numpy(), np.flatnonzero(seen))
+    np.testing.assert_allclose(row["weight"].to_numpy(), expected[seen])
+    tokens = wb.viz.inputs.position_tokens(trace)
+    assert row["token"].tolist() == [tokens[p] for p in np.flatnonzero(seen)]
+    # the raster: what layer 1's KV head 1 (head 3 // 2 groups) held after each step, from the trace's own log
+    alive = wb.trace.cache_alive(trace).sel(layer=1, kv_head=1).values  # (step, position)
+    raster = panel.live.cache_raster.data
+    assert raster.shape == (12, len(run.prompt_ids) + 11) and not alive[:, raster.shape[1]:].any()  # last: unfed
+    alive = alive[:, :raster.shape[1]]
+    given = np.arange(raster.shape[1])[None] < len(run.prompt_ids) + np.arange(12)[:, None]
+    np.testing.assert_array_equal(raster == 1, alive)
+    np.testing.assert_array_equal(raster == 2, given & ~alive)  # evicted (streaming_llm never merges)
+    np.testing.assert_array_equal(raster == 0, ~given)
+    assert (raster == 2).any()
+    # choosing another head redraws the raster from the same run's events
+    panel.live_head.value = 0
+    np.testing.assert_array_equal(panel.live.cache_raster.data == 1,
+                                  wb.trace.cache_alive(trace).sel(layer=1, kv_head=0).values[:, :raster.shape[1]])
+
+
 def test_stop_ends_the_run_early_and_keeps_the_text(panel):
     panel.max_new_tokens.value = 200
     add = panel.live.add

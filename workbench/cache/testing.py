@@ -113,22 +113,29 @@ def masked_dense_logits(model, run) -> torch.Tensor:
     The attention here is written out (scores, mask, softmax, values) independently of workbench's attention
     variants, its cache and its bridge; transformers' own mask (sliding windows) is applied on top. Policies that
     merge entries or select per query are outside what an eviction log describes."""
+    evicted_at = torch.from_numpy(run.steps["cache_evicted_at"].values.astype("int64"))
+    ids = run.prompt_ids + run.token_ids[:-1]
+    visible = visibility_from_log(evicted_at[..., :len(ids)], len(run.prompt_ids))
+    return dense_logits_under(model, ids, visible)[len(run.prompt_ids) - 1:]
+
+
+def dense_logits_under(model, ids: list[int], visible: torch.Tensor) -> torch.Tensor:
+    """Float32 (len(ids), vocab): one plain forward of the unmodified model over `ids` in which each layer and KV
+    head's queries see only the key positions `visible` (bool (layers, kv_heads, T, T)) allows."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ORACLE, _oracle_attention)
     AttentionMaskInterface.register(ORACLE, sdpa_mask)
-    evicted_at = torch.from_numpy(run.steps["cache_evicted_at"].values.astype("int64"))
-    ids = torch.tensor([run.prompt_ids + run.token_ids[:-1]], device=model.device)
-    visible = visibility_from_log(evicted_at[..., :ids.shape[1]], len(run.prompt_ids)).to(model.device)
     previous = model.hf.config._attn_implementation
     model.hf.set_attn_implementation(ORACLE)
     try:
         with torch.inference_mode():
-            logits = model.hf(ids, use_cache=False, **{ORACLE_KEYWORD: visible}).logits
+            logits = model.hf(torch.tensor([ids], device=model.device), use_cache=False,
+                              **{ORACLE_KEYWORD: visible.to(model.device)}).logits
     finally:
         model.hf.set_attn_implementation(previous)
-    return logits[0, len(run.prompt_ids) - 1:].float().cpu()
+    return logits[0].float().cpu()
 
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,

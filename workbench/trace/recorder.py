@@ -238,6 +238,8 @@ class Recorder:
                                 None if merged is None else merged.cpu().numpy())
                                for layer, head, positions, merged in events]
             records["cache_evicted"] = sum(len(positions) for _, _, positions, _ in events)
+            records["cache_events"] = self.evictions[len(self.evictions) - len(events):]  # for live views
+            records["cache_positions"] = cache.position  # positions given to the cache so far
         if "cache_bytes" in self.enabled and cache is not None:
             records["cache_bytes"] = cache.nbytes()
             records["cache_tokens"] = cache.tokens_held().numpy()

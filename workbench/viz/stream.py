@@ -19,7 +19,7 @@ LINE_PIXELS = 24
 CORNERS = ["x0", "y0", "x1", "y1"]
 
 
-def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 64, mark_step: int | None = None,
+def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 48, mark_step: int | None = None,
                  title: str | None = None) -> hv.Overlay:
     """Generated tokens as text, wrapped into lines of about `line_chars` characters, coloured by next-token
     entropy when the trace recorded it ("entropy"); hover shows each token's text, step and entropy.
@@ -50,9 +50,11 @@ def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 64, mark
             backend="bokeh", fill_alpha=0, line_color=style.DIVERGENCE_COLOR, line_width=3,
             hover_tooltips=[("marked token", "@{token}"), ("step", "@{step}")]))
     everything = pd.concat([prompt_cells, cells])
-    # the text must fit its cells: the frame is the width less the colorbar (~120 px), and a monospace glyph is
-    # ~0.6 em wide
-    font_pixels = min(16, max(7, int((style.WIDTH - 120) / line_chars / 0.62)))
+    # the text must fit inside its cells: one character of a cell is frame / (line_chars + 1) pixels, less the 2 px
+    # of white border between cells, the frame being the width less the colorbar, its labels and the margins
+    # (~170 px, measured in the browser test's screenshot), and a monospace glyph is ~0.6 em wide (DejaVu: 0.602)
+    frame = style.WIDTH - 170
+    font_pixels = min(16, max(6, int((frame / (line_chars + 1) - 2) / 0.62)))
     layers.append(hv.Labels(everything, ["x", "y"], "token").opts(
         backend="bokeh", text_font=value("monospace"), text_font_size=f"{font_pixels}px", text_color="black"))
     lines = int(everything["y1"].max()) + 1

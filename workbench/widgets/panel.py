@@ -56,7 +56,7 @@ class Workbench:
         self.model = model
         self.runs: list[Run] = []
         self.generation_seconds: dict[str, float] = {}
-        self.live = LivePlots(model.num_layers, model.num_heads)
+        self.live = LivePlots(model.num_layers, model.num_heads, model.num_kv_heads)
         self.throttle = Throttle(interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,6 +88,12 @@ class Workbench:
         self.record = {name: widgets.Checkbox(value=name in record, description=name, indent=False,
                                               tooltip=help_text, layout=widgets.Layout(width="auto"))
                        for name, help_text in RECORDABLE.items()}
+        # the layer and head the live attention row and cache raster show (the raster: that head's KV head)
+        self.live_layer = widgets.IntSlider(value=model.num_layers - 1, min=0, max=model.num_layers - 1,
+                                            description="live layer", continuous_update=False,
+                                            style={"description_width": "initial"})
+        self.live_head = widgets.IntSlider(value=0, min=0, max=model.num_heads - 1, description="head",
+                                           continuous_update=False, style={"description_width": "initial"})
         self.ignore_eos = widgets.Checkbox(value=ignore_eos, description="ignore EOS", indent=False,
                                            layout=widgets.Layout(width="auto"),
                                            tooltip="keep generating past end-of-sequence tokens")
@@ -105,12 +111,16 @@ class Workbench:
         self.run_button.on_click(lambda _: self.run())
         self.stop_button.on_click(lambda _: self.stop())
         self.compare.observe(self._on_compare, names="value")
+        for slider in (self.live_layer, self.live_head):
+            slider.observe(lambda _: self.live.select(self.live_layer.value, self.live_head.value), names="value")
         self.widget = widgets.VBox([
             widgets.HBox([self.prompt]),
             widgets.HBox([self.chat, self.max_new_tokens, self.ignore_eos]),
             widgets.HBox([widgets.Label("record:", layout=widgets.Layout(width="auto", margin="0 1em 0 0")),
                           *self.record.values()]),
             widgets.HBox([self.config_a.widget, self.config_b.widget]),
+            widgets.HBox([widgets.Label("attention row and cache raster:", layout=widgets.Layout(width="auto")),
+                          self.live_layer, self.live_head]),
             widgets.HBox([self.run_button, self.stop_button, self.compare, self.progress, self.status]),
             self.error,
             widgets.HBox([self.text_a, self.text_b]),
@@ -178,10 +188,13 @@ class Workbench:
     def _generate(self, label: str, prompt, components: dict) -> Run:
         text_area = self.text_a if label == "A" else self.text_b
         title = f"{label}: {', '.join(map(str, components.values()))}"
-        record = [name for name, box in self.record.items() if box.value]
+        record = {name: True for name, box in self.record.items() if box.value}
+        if "attention" in record:  # the rows of the layer and head the live view shows, not every head's
+            record["attention"] = {"layers": [self.live_layer.value], "heads": [self.live_head.value]}
         limit = self.max_new_tokens.value
         pieces: list[str] = []
-        self.live.reset()
+        self.live.start(self.model.token_strings(self.model.encode(prompt)[0].tolist()))
+        self.live.select(self.live_layer.value, self.live_head.value)
         self.throttle.restart()
         self.progress.max, self.progress.value = limit, 0
         self._show_text(text_area, title, "", "generating...")
