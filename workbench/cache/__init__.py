@@ -24,13 +24,19 @@ from workbench.cache.sentence_kv import SentenceKV
 from workbench.cache.snapkv import SnapKV
 from workbench.cache.streaming_llm import StreamingLLM
 from workbench.cache.tova import TOVA
+from workbench.cache.epicache import EpiCache
+from workbench.cache.chelsea import Chelsea
+from workbench.cache.elastic import ElasticCache
+from workbench.cache.compresskv import CompressKV
+from workbench.cache.kvcrush import KVCrush
+from workbench.cache.lacache import LaCache
 from workbench.registry import Registry
 
 registry = Registry("cache", CachePolicy)
 register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
 POLICIES = (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV, CAKE, LazyEviction, RazorAttention, KVMerger,
-            D2O, MPCache, SentenceKV)
+            D2O, MPCache, SentenceKV, EpiCache, Chelsea, ElasticCache, CompressKV, KVCrush, LaCache)
 for _policy in POLICIES:
     register(_policy)
 

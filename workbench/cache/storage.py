@@ -219,6 +219,8 @@ class DenseStore:
     def restore_extras(self, saved: dict[str, torch.Tensor]) -> None:
         for name, tensor in saved.items():
             self.extras[name][:, :tensor.shape[1]] = tensor
+        for name in self.extras.keys() - saved.keys():  # created after the snapshot: back to its fill
+            self.extras[name].fill_(self._fills[name])
 
 
 def _pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
