@@ -318,8 +318,12 @@ def test_bad_parameters_raise(build, message):
 
 
 @pytest.mark.parametrize("variant", [*SPARSE.values(), MPCViT(), EntropyGuided()], ids=str)
-def test_describe_names_the_paper(variant):
-    assert variant.paper and variant.paper in variant.describe()
+def test_describe_shows_the_values_in_use(variant):
+    """describe() reports this instance (the test's non-default parameters), not the class's defaults."""
+    text = variant.describe()
+    for spec in variant.parameters():
+        assert f"{spec.name} = {getattr(variant, spec.name)!r}:" in text, spec.name
+    assert variant.paper and (variant.departs is None or variant.departs in text)
 
 
 # -- the fused kernel path ---------------------------------------------------------------------------------
