@@ -118,12 +118,23 @@ def test_ragged_heads_attend_only_to_what_they_hold(tiny_llama):
         torch.testing.assert_close(output[0, head], (weights @ v)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", POLICIES)
-def test_a_budget_covering_everything_reproduces_the_full_cache(tiny_models, name):
+# What a policy needs, besides budget=400 where it has a budget, to keep and show every token of PROMPT
+COVERING = {"mpcache": {"coarse": 4, "fine": 2, "top_coarse": 4, "top_fine": 8}, "sentence_kv": {"top_sentences": 100}}
+VARIANTS = [("epicache", {"block": 32, "level": "uniform"}), ("epicache", {"episodes": 3, "segment": 16, "block": 48}),
+            ("elastic", {"nearest": "key"})]
+
+
+def covering(name: str, extra: dict) -> wb.cache.CachePolicy:
+    has_budget = any(spec.name == "budget" for spec in wb.cache.registry.component_class(name).parameters())
+    return wb.cache.get(name, **({"budget": 400} if has_budget else {}), **COVERING.get(name, {}), **extra)
+
+
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in wb.cache.available() if n != "full"] + VARIANTS)
+def test_a_budget_covering_everything_reproduces_the_full_cache(tiny_models, name, extra):
     for family in ("llama", "qwen3_moe", "gemma2"):
         model = tiny_models[family]
         full = wb.generate(model, PROMPT, max_new_tokens=8, ignore_eos=True, record=["logits"])
-        run = wb.generate(model, PROMPT, cache=wb.cache.get(name, budget=400), max_new_tokens=8, ignore_eos=True,
+        run = wb.generate(model, PROMPT, cache=covering(name, extra), max_new_tokens=8, ignore_eos=True,
                           record=["logits", "cache"])
         assert run.token_ids == full.token_ids
         torch.testing.assert_close(torch.from_numpy(run.steps["logits"].values),
