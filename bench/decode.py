@@ -9,6 +9,8 @@ an open-ended one. Each configuration generates exactly N tokens (EOS ignored) f
   speculative (self)   wb.generate(decoder=speculative(draft_model=the same model, k=4)): the target drafting for
                        itself accepts everything, so this shows the verify machinery's cost, not a speed-up (no
                        smaller model with SmolLM2's tokenizer is on this machine)
+  layer_skip           wb.generate(decoder=layer_skip(k=4)): the model drafting for itself with every other layer of
+                       its second half skipped (self-speculative, Draft & Verify / SWIFT style)
 Outputs are checked equal to greedy's. Each configuration runs once as a warm-up, then the configurations are
 interleaved for --repeats rounds; tokens/s is the median of N / wall seconds. Printed per configuration: tokens/s,
 the ratio to wb greedy and to the matching HF configuration, forward passes, and the mean accepted length (tokens
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
             "greedy": ours("greedy"),
             "prompt_lookup": ours(wb.decode.get("prompt_lookup", k=args.k, max_ngram=args.ngram)),
             "speculative (self)": ours(wb.decode.get("speculative", draft_model=model, k=4)),
+            "layer_skip": ours(wb.decode.get("layer_skip", k=4)),
         }
         peer = {"greedy": "hf greedy", "prompt_lookup": "hf prompt lookup"}
         tokens, forwards = {}, {}

@@ -36,7 +36,7 @@ def test_every_component_a_family_defines_is_registered_and_builds(family):
 def test_unknown_name_lists_registered_members():
     with pytest.raises(wb.UnknownComponentError, match="unknown attention 'nope'; registered: block_sparse, eager, "):
         wb.attention.get("nope")
-    with pytest.raises(wb.UnknownComponentError, match="registered: epsilon, eta, greedy, prompt_lookup, sample, speculative,"):
+    with pytest.raises(wb.UnknownComponentError, match="registered: contrastive, dola, epsilon, eta, greedy, layer_skip, prompt_lookup, sample,"):
         wb.decode.get("beam")
 
 

@@ -1,8 +1,11 @@
 """Decoders: how the next tokens are chosen. A registry of small named components."""
 
 from workbench.decode.base import Decoder
+from workbench.decode.contrastive import Contrastive
+from workbench.decode.dola import DoLa
 from workbench.decode.epsilon import Epsilon, Eta
 from workbench.decode.greedy import Greedy
+from workbench.decode.layer_skip import LayerSkip
 from workbench.decode.prompt_lookup import PromptLookup
 from workbench.decode.sample import Sample
 from workbench.decode.speculative import SpeculativeDecoding
@@ -12,8 +15,10 @@ from workbench.registry import Registry
 registry = Registry("decoder", Decoder)
 register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
-for _decoder in (Greedy, Sample, Typical, Epsilon, Eta, PromptLookup, SpeculativeDecoding):
+for _decoder in (Greedy, Sample, Typical, Epsilon, Eta, PromptLookup, SpeculativeDecoding, LayerSkip, Contrastive,
+                 DoLa):
     register(_decoder)
 
 __all__ = ["Decoder", "Greedy", "Sample", "Typical", "Epsilon", "Eta", "PromptLookup",
-           "SpeculativeDecoding", "registry", "register", "available", "get", "describe"]
+           "SpeculativeDecoding", "LayerSkip", "Contrastive", "DoLa", "registry", "register", "available", "get",
+           "describe"]

@@ -3,6 +3,7 @@ the accepted prefix is committed and the rest rolled back through the session.
 
     accept(target, draft, draft_probs, generator, greedy)   the acceptance rule, one function
     Drafting                                                 the decoder step every drafter shares
+    ModelDrafting                                            drafters that run a model over a session of their own
     SpeculativeDecoding (`speculative`)                      the drafter: a smaller model with the same tokenizer
 
 Acceptance (Leviathan, Kalman, Matias, ICML 2023; Chen et al., 2023): draft token x_i, drawn from q_i, is kept
@@ -108,27 +109,16 @@ class Drafting(Sample):
 
 
 @dataclass
-class SpeculativeDecoding(Drafting):
-    """Speculative decoding with a draft model that shares the target's tokenizer. The draft model keeps its own
-    session (full cache) in the run's state; it drafts `k` tokens autoregressively as provisional `rollout`
-    passes, which are committed as far as the target kept them and rolled back beyond."""
+class ModelDrafting(Drafting):
+    """A drafter that runs a model over a session of its own (kept in the run's state): it first feeds the tokens
+    the target has and it has not, then drafts autoregressively as provisional `rollout` passes, which are
+    committed as far as the target kept them and rolled back beyond. Subclasses say which session."""
 
-    name = "speculative"
-    summary = "Speculative decoding: a small draft model proposes k tokens, the target verifies them in one pass."
-    paper = ("Fast Inference from Transformers via Speculative Decoding (Leviathan, Kalman, Matias; ICML 2023); "
-             "Accelerating LLM Decoding with Speculative Sampling (Chen et al., 2023)")
-
-    draft_model: Any = param(None, "the draft model (same tokenizer as the target): a loaded workbench Model, or "
-                                   "a name for workbench.load, loaded once (e.g. from the CLI or the panel)")
+    def draft_session(self, ctx):
+        raise NotImplementedError
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
-        from workbench.run.session import Session
-
-        session = ctx.state.get("draft_session")
-        if session is None:  # checked here, not at construction, so that describe() and the panel can build it
-            draft_model = loaded(self.draft_model)
-            check_same_vocabulary(ctx.session.model, draft_model)
-            session = ctx.state["draft_session"] = Session(draft_model, "full", "sdpa")
+        session = self.draft_session(ctx)
         behind = ctx.tokens[session.position:]  # tokens the target has that the draft has not fed
         phase = "prefill" if session.position == 0 else "decode" if len(behind) == 1 else "append"
         logits = session.feed(behind, phase)[-1]
@@ -147,6 +137,29 @@ class SpeculativeDecoding(Drafting):
     def accepted(self, ctx, kept: int) -> None:
         session = ctx.state["draft_session"]
         session.commit(min(kept, session.position - session.committed))  # drafts it fed and the target kept
+
+
+@dataclass
+class SpeculativeDecoding(ModelDrafting):
+    """Speculative decoding with a draft model that shares the target's tokenizer, over a full cache of its own."""
+
+    name = "speculative"
+    summary = "Speculative decoding: a small draft model proposes k tokens, the target verifies them in one pass."
+    paper = ("Fast Inference from Transformers via Speculative Decoding (Leviathan, Kalman, Matias; ICML 2023); "
+             "Accelerating LLM Decoding with Speculative Sampling (Chen et al., 2023)")
+
+    draft_model: Any = param(None, "the draft model (same tokenizer as the target): a loaded workbench Model, or "
+                                   "a name for workbench.load, loaded once (e.g. from the CLI or the panel)")
+
+    def draft_session(self, ctx):
+        from workbench.run.session import Session
+
+        session = ctx.state.get("draft_session")
+        if session is None:  # checked here, not at construction, so that describe() and the panel can build it
+            draft_model = loaded(self.draft_model)
+            check_same_vocabulary(ctx.session.model, draft_model)
+            session = ctx.state["draft_session"] = Session(draft_model, "full", "sdpa")
+        return session
 
 
 def loaded(draft):

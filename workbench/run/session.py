@@ -114,11 +114,14 @@ class Session:
         self.note_bytes()
 
     # -- the forward pass -------------------------------------------------------------------------------------
-    def feed(self, ids, phase: str, logits: str | None = None) -> torch.Tensor | None:
+    def feed(self, ids, phase: str, logits: str | None = None, hidden: bool = False):
         """Run the tokens `ids` (a list, or a tensor (n,) / (1, n)) as one `phase` pass on top of the cache.
 
         logits -- "last": float32 (1, vocab) for the last token (the default for prefill, decode and append);
-                  "all": (n, vocab) (the default for verify and rollout); "none": nothing (None)."""
+                  "all": (n, vocab) (the default for verify and rollout); "none": nothing (None).
+        hidden -- also return the model's hidden states: (logits, hidden), hidden a tuple of (n, hidden_size)
+                  tensors in the model's dtype, transformers' `hidden_states` (the embeddings' output, then each
+                  layer's; the last one after the final norm), for decoders that read them (contrastive, dola)."""
         if logits is None:
             logits = "all" if phase in ("verify", "rollout") else "last"
         if logits not in LOGITS:
@@ -140,6 +143,7 @@ class Session:
                                                                              device=device)[None],
                                     use_cache=True, **{self._cache_keyword: self.cache},
                                     **(self._keep_last if logits != "all" else {}),
+                                    **({"output_hidden_states": True} if hidden else {}),
                                     **{bridge.PASS_KEYWORD: bridge.BoundPass(self.binding, forward)})
         finally:
             self.cache.end_pass()
@@ -149,4 +153,4 @@ class Session:
         seconds = time.perf_counter() - started
         for listener in self.listeners:
             listener(forward, seconds)
-        return result
+        return (result, tuple(h[0] for h in out.hidden_states)) if hidden else result
