@@ -53,6 +53,12 @@ def tiny_llama(tiny_models) -> wb.Model:
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="session")
+def one_layer() -> wb.Model:
+    """A tiny GQA model (4 query heads over 2 KV heads) with a single layer: the prefill's last layer is layer 0."""
+    return wb.tiny("llama", num_hidden_layers=1)
+
+
 
 def _missing_browser() -> str | None:
     try:

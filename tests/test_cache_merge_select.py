@@ -21,12 +21,6 @@ EVERYTHING = {"kvmerger": {"budget": 400}, "d2o": {"budget": 400},
               "sentence_kv": {"top_sentences": 100}}
 
 
-@pytest.fixture(scope="module")
-def one_layer():
-    """A tiny GQA model (4 query heads over 2 KV heads) with a single layer: the prefill's last layer is layer 0."""
-    return wb.tiny("llama", num_hidden_layers=1)
-
-
 EVERY_LAYER_AT_PREFILL = {"full_layers": "", "compress": "both"}  # D2O's defaults compress no layer of these models
 # at the prefill (layers 0, 1 and the last stay whole; compression starts at the first decoding step)
 

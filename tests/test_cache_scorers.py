@@ -15,11 +15,6 @@ GROUPS = HEADS // KV_HEADS
 
 
 @pytest.fixture(scope="module")
-def one_layer():
-    return wb.tiny("llama", num_hidden_layers=1)
-
-
-@pytest.fixture(scope="module")
 def qk():
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(KV_HEADS, N, DIM, generator=generator)

@@ -19,12 +19,6 @@ NAMES = ["epicache", "chelsea", "elastic"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 
 
-@pytest.fixture(scope="module")
-def one_layer():
-    """A tiny GQA model (4 query heads over 2 KV heads) with a single layer."""
-    return wb.tiny("llama", num_hidden_layers=1)
-
-
 def held_positions(cache, layer=0):
     return [p.tolist() for p in cache.positions(layer)]
 
