@@ -54,43 +54,41 @@ NOTEBOOK_STATE = """() => {
     return {pending, cells: cells.length, error, kernel: kernel ? kernel.status : "none"};
 }"""
 
-# Rows of the bokeh data sources with a column named `column` among the plots rendered inside the element that
-# `selector` finds (Bokeh.index holds every rendered root view, and each view's model knows its document).
-SOURCE_ROWS = """([selector, column]) => {
+# The columns of the bokeh data sources among the plots rendered inside the element that `selector` finds, one
+# {column: [length, shape of the first item or null]} per source (Bokeh.index holds every rendered root view, and
+# each view's model knows its document).
+SOURCE_COLUMNS = """(selector) => {
     const area = document.querySelector(selector);
-    const rows = [];
-    if (area === null || window.Bokeh === undefined) return rows;
+    const sources = [];
+    if (area === null || window.Bokeh === undefined) return sources;
     const index = window.Bokeh.index;
     for (const view of (index.roots ? index.roots : [...index])) {
         if (!area.contains(view.el)) continue;
         for (const model of view.model.document.all_models) {
             const data = model.data;
             if (data === undefined || data === null || typeof data !== "object") continue;
-            const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
-            if (keys.includes(column)) rows.push((data instanceof Map ? data.get(column) : data[column]).length);
+            const columns = {};
+            for (const key of (data instanceof Map ? [...data.keys()] : Object.keys(data))) {
+                const values = data instanceof Map ? data.get(key) : data[key];
+                const first = values.length ? values[0] : null;
+                columns[key] = [values.length, first && first.shape ? Array.from(first.shape) : null];
+            }
+            sources.push(columns);
         }
     }
-    return rows;
+    return sources;
 }"""
 
 
-# The shapes of the images (rows, columns) the bokeh plots inside `selector` draw (the live cache raster).
-IMAGE_SHAPES = """(selector) => {
-    const area = document.querySelector(selector);
-    const shapes = [];
-    if (area === null || window.Bokeh === undefined) return shapes;
-    const index = window.Bokeh.index;
-    for (const view of (index.roots ? index.roots : [...index])) {
-        if (!area.contains(view.el)) continue;
-        for (const model of view.model.document.all_models) {
-            const data = model.data;
-            if (data === undefined || data === null || typeof data !== "object") continue;
-            const image = data instanceof Map ? data.get("image") : data["image"];
-            if (image !== undefined && image.length) shapes.push(Array.from(image[0].shape || [image[0].length]));
-        }
-    }
-    return shapes;
-}"""
+def source_rows(page, selector: str, column: str) -> list[int]:
+    """Rows of each data source with a column named `column` inside `selector`."""
+    return [columns[column][0] for columns in page.evaluate(SOURCE_COLUMNS, selector) if column in columns]
+
+
+def image_shapes(page, selector: str) -> list[list[int]]:
+    """The shapes (rows, columns) of the images the plots inside `selector` draw (the live cache raster)."""
+    return [columns["image"][1] for columns in page.evaluate(SOURCE_COLUMNS, selector)
+            if "image" in columns and columns["image"][1]]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +144,8 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             assert panel.locator(".widget-button", has_text="Run").is_visible()
             live = panel.locator(".workbench-live")
             live.locator(".bk-Canvas").first.wait_for(timeout=60_000)
-            assert page.evaluate(SOURCE_ROWS, [".workbench-live", "entropy"]) == [0], "live plots missing or not empty"
-            assert page.evaluate(SOURCE_ROWS, [".workbench-live", "weight"]) == [0], "no empty live attention row"
+            assert source_rows(page, ".workbench-live", "entropy") == [0], "live plots missing or not empty"
+            assert source_rows(page, ".workbench-live", "weight") == [0], "no empty live attention row"
             before = live.screenshot()
 
             # change widget values, run, and wait until the panel has drawn the finished run's plots
@@ -159,12 +157,12 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             panel.locator(".workbench-results .bk-Canvas").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1000)  # let the last redraw paint
 
-            rows = page.evaluate(SOURCE_ROWS, [".workbench-live", "entropy"])
+            rows = source_rows(page, ".workbench-live", "entropy")
             assert rows == [6], f"the live entropy curve should hold the 6 generated steps; its source holds {rows}"
             # the latest token's attention row over every position it saw, and the cache raster: 6 steps x the
             # positions given to the cache (the prompt and the 5 tokens fed back)
-            [seen] = page.evaluate(SOURCE_ROWS, [".workbench-live", "weight"])
-            shapes = page.evaluate(IMAGE_SHAPES, ".workbench-live")
+            [seen] = source_rows(page, ".workbench-live", "weight")
+            shapes = image_shapes(page, ".workbench-live")
             assert [6, seen] in shapes, f"the live cache raster should be 6 steps x {seen} positions: {shapes}"
             assert live.screenshot() != before, "the live plots look the same after a run"
             assert "6 tokens" in panel.inner_text() and panel.locator(".workbench-error").count() == 0

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from workbench.attention import reference
 from workbench.cache.eviction import EvictionPolicy
+from workbench.cache.scoring import window_rows
 from workbench.errors import ParameterError
 from workbench.registry import param
 
@@ -56,7 +57,7 @@ class CAKE(EvictionPolicy):
     def score(self, layer, call, result) -> torch.Tensor:
         if call.phase == "prefill":  # the indicator measured over the observation window
             return layer.extra("indicator")
-        probs = torch.softmax(reference.scores(call, slice(-1, None)), dim=-1)[0]  # (heads, 1, keys)
+        probs = window_rows(call, 1)  # (heads, 1, keys)
         return _pool(probs[:, 0], self.kernel).view(-1, call.groups, probs.shape[-1]).mean(1)
 
     def evict(self, layer, call, result) -> None:
@@ -65,7 +66,7 @@ class CAKE(EvictionPolicy):
         cache, n = layer.cache, call.num_queries
         base = self.base_budget(n)
         protected = self.sinks + self.window
-        probs = window_attention_rows(call, self.window)
+        probs = window_rows(call, self.window)
         preferences = cache.state.get("preferences", [])[:layer.index] + [
             layer_preference(probs, self.window, self.tau1, self.tau2)]
         cache.state["preferences"] = preferences
@@ -79,12 +80,6 @@ class CAKE(EvictionPolicy):
             earlier = cache.layers[index]
             if max(earlier.held) > budget:
                 self.evict_to(earlier, call, result, budgets[index])
-
-
-def window_attention_rows(call, window: int) -> torch.Tensor:
-    """(heads, rows, keys) float32 attention of the last `window` queries (fewer if the prompt is shorter)."""
-    q_len = call.query.shape[2]
-    return torch.softmax(reference.scores(call, slice(max(0, q_len - window), q_len)), dim=-1)[0]
 
 
 def layer_preference(probs: torch.Tensor, window: int, tau1: float, tau2: float) -> float:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from workbench.attention import reference
 from workbench.cache.eviction import EvictionPolicy, keep_best
-from workbench.cache.scoring import pooled
+from workbench.cache.scoring import pooled, window_rows
 from workbench.cache.storage import DenseStore
 from workbench.errors import ParameterError
 from workbench.registry import param
@@ -103,7 +103,7 @@ class CompressKV(EvictionPolicy):
         n = call.num_queries
         base = self.base_budget(n)
         chosen = retrieval_heads(call, cache.state.get("prompt_ids"), self.heads, self.probe, self.kernel)
-        window_probs = torch.softmax(reference.scores(call, slice(max(0, n - self.window), n)), dim=-1)[0]
+        window_probs = window_rows(call, self.window)
         positions = layer.positions()
         in_window = positions > layer.newest(call) - self.window
         votes = head_votes(window_probs[chosen], in_window[0], self.kernel)  # (slots,)

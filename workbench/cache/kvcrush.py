@@ -30,6 +30,7 @@ import torch
 
 from workbench.attention import reference
 from workbench.cache.eviction import EvictionPolicy
+from workbench.cache.scoring import window_rows
 from workbench.errors import ParameterError
 from workbench.registry import param
 
@@ -62,8 +63,7 @@ class KVCrush(EvictionPolicy):
                                  "positions); compress_turns=True is not supported")
 
     def score(self, layer, call, result) -> torch.Tensor:
-        n = call.num_queries
-        probs = torch.softmax(reference.scores(call, slice(max(0, n - self.window), n)), dim=-1)[0]
+        probs = window_rows(call, self.window)
         per_head = probs.sum(1)  # (heads, slots): each query head's window attention per token
         votes = reference.group_key_mass(probs[None], call.groups)[0]  # (kv_heads, slots), summed over the group
         positions = layer.positions()

@@ -10,13 +10,17 @@ import torch.nn.functional as F
 from workbench.attention import reference
 
 
+def window_rows(call, last: int) -> torch.Tensor:
+    """(heads, rows, keys) float32: the softmax attention rows of the call's last `last` queries (fewer if the pass
+    is shorter), per query head."""
+    q_len = call.query.shape[2]
+    return torch.softmax(reference.scores(call, slice(max(0, q_len - last), q_len)), dim=-1)[0]
+
+
 def window_attention(call, last: int) -> torch.Tensor:
     """(kv_heads, keys): attention the last `last` queries paid to each key, summed over those queries and the
     group's query heads (SnapKV's observation-window vote; TOVA with last=1)."""
-    q_len = call.query.shape[2]
-    rows = slice(max(0, q_len - last), q_len)
-    probs = torch.softmax(reference.scores(call, rows), dim=-1)
-    return reference.group_key_mass(probs, call.groups)[0]
+    return reference.group_key_mass(window_rows(call, last)[None], call.groups)[0]
 
 
 def pooled(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
