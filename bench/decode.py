@@ -1,20 +1,23 @@
-"""Benchmark: decoders against greedy and against transformers' own assisted decoding, in one process.
+"""Benchmark: every decoder against greedy and against transformers' own decoding, in one process.
 
 Two prompts: an input-grounded one (repeat / lightly edit a given passage, where the output copies the input) and
-an open-ended one. Each configuration generates exactly N tokens (EOS ignored) from the same prompt ids:
-  hf greedy            model.hf.generate(do_sample=False)
-  hf prompt lookup     model.hf.generate(do_sample=False, prompt_lookup_num_tokens=K, max_matching_ngram_size=G)
-  greedy               wb.generate(decoder="greedy")
-  prompt_lookup        wb.generate(decoder=prompt_lookup(k=K, max_ngram=G))
-  speculative (self)   wb.generate(decoder=speculative(draft_model=the same model, k=4)): the target drafting for
-                       itself accepts everything, so this shows the verify machinery's cost, not a speed-up (no
-                       smaller model with SmolLM2's tokenizer is on this machine)
-  layer_skip           wb.generate(decoder=layer_skip(k=4)): the model drafting for itself with every other layer of
-                       its second half skipped (self-speculative, Draft & Verify / SWIFT style)
-Outputs are checked equal to greedy's. Each configuration runs once as a warm-up, then the configurations are
-interleaved for --repeats rounds; tokens/s is the median of N / wall seconds. Printed per configuration: tokens/s,
-the ratio to wb greedy and to the matching HF configuration, forward passes, and the mean accepted length (tokens
-per verify pass, the bonus token counted, as vLLM reports it).
+an open-ended one. Each configuration generates exactly N tokens (EOS ignored) from the same prompt ids. The HF
+peers run `model.hf.generate` in the same process:
+  greedy           hf greedy (do_sample=False)
+  prompt_lookup    hf prompt lookup (prompt_lookup_num_tokens=K, max_matching_ngram_size=G)
+  speculative      hf assisted (assistant_model= the same model): no smaller model with SmolLM2's tokenizer is on
+                   this machine, so the target drafts for itself and keeps everything: the verify machinery's cost
+  layer_skip       exits after layer E as its draft (exit_layer=E); peer hf early exit (assistant_early_exit=E)
+  cache_draft      the model over a 64-token StreamingLLM cache drafts for itself (TriForce's idea); no HF peer
+  beam             hf beam (num_beams=4)
+  sampling family  typical, epsilon, eta against hf typical_p / epsilon_cutoff / eta_cutoff (speed only: the
+                   random streams differ, so outputs are not compared)
+  the rest         contrastive, dola, adadec, entropix (no HF peer in core transformers: remote code today)
+Lossless decoders' outputs are checked equal to greedy's (beam: to HF's beam). Each configuration runs once as a
+warm-up (recording "decoding" for the acceptance figures), then the configurations are interleaved for --repeats
+timed rounds without recording; tokens/s is the median of N / wall seconds. Printed per configuration: tokens/s,
+the ratio to wb greedy and to its HF peer, forward passes, the mean accepted length (tokens per verify pass, the
+bonus token counted, as vLLM reports it) and the acceptance rate.
 
     .venv/bin/python bench/decode.py                       # embedded SmolLM2, 96 tokens, 3 repeats
     .venv/bin/python bench/decode.py --tokens 64 --repeats 5 --json
@@ -32,6 +35,7 @@ import torch
 import transformers
 
 import workbench as wb
+from workbench.decode.telemetry import acceptance
 
 PASSAGE = ("The harbor town wakes before dawn. Fishing boats leave the pier one by one, their lanterns swinging, "
            "while the baker on Quay Street lights his ovens and the gulls gather on the roofs. By six the market "
@@ -65,60 +69,104 @@ def main(argv=None) -> int:
     for label, text in PROMPTS.items():
         messages = [{"role": "user", "content": text}]
         ids = model.encode(messages)
-        mask = torch.ones_like(ids)
-
-        def hf(**extra):
-            def run():
-                started = time.perf_counter()
-                out = model.hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                        do_sample=False, eos_token_id=None, **extra)
-                return time.perf_counter() - started, out[0, ids.shape[1]:].tolist(), None
-            return run
-
-        def ours(decoder):
-            def run():
-                started = time.perf_counter()
-                result = wb.generate(model, messages, decoder=decoder, max_new_tokens=n, ignore_eos=True)
-                return time.perf_counter() - started, result.token_ids, result.trace.sizes["forward"]
-            return run
-
-        configs = {
-            "hf greedy": hf(),
-            "hf prompt lookup": hf(prompt_lookup_num_tokens=args.k, max_matching_ngram_size=args.ngram),
-            "greedy": ours("greedy"),
-            "prompt_lookup": ours(wb.decode.get("prompt_lookup", k=args.k, max_ngram=args.ngram)),
-            "speculative (self)": ours(wb.decode.get("speculative", draft_model=model, k=4)),
-            "layer_skip": ours(wb.decode.get("layer_skip", k=4)),
-        }
-        peer = {"greedy": "hf greedy", "prompt_lookup": "hf prompt lookup"}
-        tokens, forwards = {}, {}
-        for name, fn in configs.items():  # warm-up and parity
-            _, tokens[name], forwards[name] = fn()
-        for name in configs:
-            if tokens[name] != tokens["greedy"]:
+        configs = configurations(model, messages, ids, n, args)
+        tokens, forwards, accepted = {}, {}, {}
+        for name, config in configs.items():  # warm-up, parity and acceptance
+            _, tokens[name], forwards[name], accepted[name] = config.run(record=True)
+        for name, config in configs.items():
+            reference = tokens.get(config.equals)
+            if reference is not None and tokens[name] != reference:
                 ok = False
-                print(f"  {label}: {name} differs from greedy", file=sys.stderr)
+                print(f"  {label}: {name} differs from {config.equals}", file=sys.stderr)
         speeds = {name: [] for name in configs}
         for _ in range(args.repeats):
-            for name, fn in configs.items():
-                speeds[name].append(n / fn()[0])
+            for name, config in configs.items():
+                speeds[name].append(n / config.run(record=False)[0])
         median = {name: statistics.median(v) for name, v in speeds.items()}
-        print(f"\n{label} prompt ({ids.shape[1]} tokens); outputs equal greedy: "
-              f"{all(tokens[c] == tokens['greedy'] for c in configs)}")
-        print(f"  {'decoder':<20}{'tok/s':>8}{'vs greedy':>11}{'vs hf':>8}{'passes':>8}{'accepted len':>14}")
-        for name in configs:
-            passes = forwards[name]
-            accepted = f"{(n - 1) / (passes - 1):.2f}" if passes and passes > 1 else "-"  # pass 1 is the prefill
-            vs_hf = f"{median[name] / median[peer[name]]:.2f}x" if name in peer else "-"
-            print(f"  {name:<20}{median[name]:>8.1f}{median[name] / median['greedy']:>10.2f}x{vs_hf:>8}"
-                  f"{passes if passes else '-':>8}{accepted:>14}")
+        checked = [name for name, c in configs.items() if c.equals]
+        print(f"\n{label} prompt ({ids.shape[1]} tokens); outputs equal where they must "
+              f"({', '.join(checked)}): {all(tokens[c] == tokens[configs[c].equals] for c in checked)}")
+        print(f"  {'decoder':<22}{'tok/s':>8}{'vs greedy':>11}{'vs hf':>8}{'passes':>8}{'accepted len':>14}"
+              f"{'rate':>7}")
+        for name, config in configs.items():
+            summary = accepted[name]
+            vs_hf = median[name] / median[config.peer] if config.peer else None
+            length = f"{summary['mean_accepted_length']:.2f}" if summary else "-"
+            rate = f"{summary['acceptance_rate']:.2f}" if summary else "-"
+            print(f"  {name:<22}{median[name]:>8.1f}{median[name] / median['greedy']:>10.2f}x"
+                  f"{f'{vs_hf:.2f}x' if vs_hf else '-':>8}{forwards[name] or '-':>8}{length:>14}{rate:>7}")
             results.append({"prompt": label, "decoder": name, "tokens_per_s": median[name],
-                            "vs_greedy": median[name] / median["greedy"],
-                            "vs_hf": median[name] / median[peer[name]] if name in peer else None,
-                            "forward_passes": passes})
+                            "vs_greedy": median[name] / median["greedy"], "vs_hf": vs_hf,
+                            "forward_passes": forwards[name],
+                            "mean_accepted_length": summary["mean_accepted_length"] if summary else None,
+                            "acceptance_rate": summary["acceptance_rate"] if summary else None})
     if args.json:
         print(json.dumps(results, indent=2))
     return 0 if ok else 1
+
+
+class Config:
+    """One benchmarked configuration: how to run it, its HF peer (for the ratio) and what its tokens must equal."""
+
+    def __init__(self, run, peer: str | None = None, equals: str | None = None):
+        self.run, self.peer, self.equals = run, peer, equals
+
+
+def configurations(model, messages, ids, n: int, args) -> dict[str, Config]:
+    mask = torch.ones_like(ids)
+
+    def hf(**extra):
+        def run(record):
+            started = time.perf_counter()
+            out = model.hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                    eos_token_id=None, **{"do_sample": False, **extra})
+            return time.perf_counter() - started, out[0, ids.shape[1]:].tolist(), None, None
+        return run
+
+    def ours(decoder):
+        def run(record):
+            started = time.perf_counter()
+            result = wb.generate(model, messages, decoder=decoder, max_new_tokens=n, ignore_eos=True,
+                                 record=["decoding"] if record else None)
+            return (time.perf_counter() - started, result.token_ids, result.trace.sizes["forward"],
+                    acceptance(result.trace) if record else None)
+        return run
+
+    get, exit_layer = wb.decode.get, model.num_layers // 2
+    configs = {
+        "hf greedy": Config(hf()),
+        "greedy": Config(ours("greedy"), "hf greedy", "hf greedy"),
+        "hf prompt lookup": Config(hf(prompt_lookup_num_tokens=args.k, max_matching_ngram_size=args.ngram),
+                                   equals="greedy"),
+        "prompt_lookup": Config(ours(get("prompt_lookup", k=args.k, max_ngram=args.ngram)), "hf prompt lookup",
+                                "greedy"),
+        "prompt_lookup goodput": Config(ours(get("prompt_lookup", k=args.k, max_ngram=args.ngram,
+                                                 schedule="goodput")), "hf prompt lookup", "greedy"),
+        "hf assisted (self)": Config(hf(assistant_model=model.hf), equals="greedy"),
+        "speculative (self)": Config(ours(get("speculative", draft_model=model, k=4)), "hf assisted (self)",
+                                     "greedy"),
+        "layer_skip": Config(ours(get("layer_skip", k=4)), None, "greedy"),
+        "hf early exit": Config(hf(assistant_early_exit=exit_layer), equals="greedy"),
+        f"layer_skip exit {exit_layer}": Config(ours(get("layer_skip", exit_layer=exit_layer, k=4)),
+                                                "hf early exit", "greedy"),
+        "cache_draft": Config(ours(get("cache_draft", draft_budget=64, k=4)), None, "greedy"),
+        "hf beam 4": Config(hf(num_beams=4)),
+        "beam 4": Config(ours("beam"), "hf beam 4", "hf beam 4"),
+        "hf typical": Config(hf(do_sample=True, typical_p=0.9)),
+        "typical": Config(ours(get("typical", typical_p=0.9)), "hf typical"),
+        "hf epsilon": Config(hf(do_sample=True, epsilon_cutoff=3e-4)),
+        "epsilon": Config(ours(get("epsilon", epsilon=3e-4)), "hf epsilon"),
+        "hf eta": Config(hf(do_sample=True, eta_cutoff=3e-4)),
+        "eta": Config(ours(get("eta", epsilon=3e-4)), "hf eta"),
+    }
+    for name in ("contrastive", "dola", "adadec", "entropix", "medusa"):
+        configs[name] = Config(ours(name), None, "greedy" if name == "medusa" else None)
+    return {name: config for name, config in configs.items() if available(name)}
+
+
+def available(name: str) -> bool:
+    """A configuration runs when its decoder is registered (and an HF peer when its decoder is)."""
+    return name.split()[0] in ("hf", *wb.decode.available())
 
 
 if __name__ == "__main__":

@@ -170,6 +170,22 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             panel.scroll_into_view_if_needed()
             panel.screenshot(path=ARTIFACTS / "workbench_panel.png")
             page.screenshot(path=ARTIFACTS / "quickstart_page.png")
+
+            # a speculative decoder: the live acceptance curve gets a row per verify pass
+            assert source_rows(page, ".workbench-live", "tokens") == [0], "no empty live acceptance curve"
+            decoder = panel.locator(".widget-dropdown", has=page.locator("label", has_text="decoder")).first
+            decoder.locator("select").select_option("prompt_lookup")
+            panel.locator(".widget-checkbox", has_text="decoding").locator("input").check()
+            _set_slider(panel, "max new tokens", 12)
+            panel.locator("textarea").fill("Repeat exactly: red, green, blue. red, green, blue. red, green, blue.")
+            panel.locator(".widget-button", has_text="Run").click()
+            # the status still says "done" from the first run: wait for this run's result line instead
+            page.wait_for_function("() => /12 tokens, [0-9.]+ tok\\/s, finish/.test("
+                                   "document.querySelector('.workbench-panel').innerText)", timeout=RUN_SECONDS * 1000)
+            page.wait_for_timeout(1000)
+            [verifies] = source_rows(page, ".workbench-live", "tokens")
+            assert verifies > 0, "the live acceptance curve received no verify pass"
+            panel.screenshot(path=ARTIFACTS / "workbench_panel_speculative.png")
         finally:
             browser.close()
     report = {"console_errors": errors, "requests_outside_jupyter": outside}

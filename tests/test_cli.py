@@ -82,7 +82,8 @@ def test_report_records_what_its_plots_need(capsys, tmp_path):
     for plot in ("entropy_curve", "cache_bytes", "attention_pattern layer 0 head 0",
                  "attention_pattern layer 1 head 0"):  # the tiny model's first and last layers
         assert f"<h3>{plot}</h3>" in page
-    assert "<th>record</th><td>[&quot;attention&quot;, &quot;cache&quot;, &quot;entropy&quot;]</td>" in page
+    recorded = "[&quot;attention&quot;, &quot;cache&quot;, &quot;decoding&quot;, &quot;entropy&quot;]"
+    assert f"<th>record</th><td>{recorded}</td>" in page
 
 
 def test_report_keeps_the_records_the_user_chose(capsys, tmp_path):

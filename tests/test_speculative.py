@@ -63,7 +63,7 @@ def test_speculative_sampling_on_a_tiny_model_keeps_the_targets_next_token_distr
         with wb.Session(target, "full") as session:
             session.feed(prompt, "prefill")
             ctx = StepContext(session, torch.Generator().manual_seed(seed), pending, None, None,
-                              prompt + pending, {})
+                              prompt + pending, {"timed_plain": True})  # past the plain step
             first.append(decoder.step(ctx)[0])
     assert set(first) <= set(support.tolist())  # never outside the target's top 4
     positions = torch.searchsorted(support, torch.tensor(first))
@@ -77,13 +77,16 @@ def test_greedy_speculative_decoders_equal_greedy_on_a_tiny_model(tiny_llama, ca
     greedy = wb.generate(tiny_llama, prompt, cache=policy, max_new_tokens=40, ignore_eos=True)
     decoders = [wb.decode.get("prompt_lookup"), wb.decode.get("speculative", draft_model=tiny_llama),
                 wb.decode.get("speculative", draft_model=wb.tiny("llama", seed=1), k=3, schedule="heuristic"),
-                wb.decode.get("prompt_lookup", schedule="constant", k=4)]
+                wb.decode.get("prompt_lookup", schedule="constant", k=4),
+                wb.decode.get("prompt_lookup", schedule="goodput"),
+                wb.decode.get("cache_draft", draft_budget=32, schedule="goodput")]
     for decoder in decoders:
         run = wb.generate(tiny_llama, prompt, cache=policy, decoder=decoder, max_new_tokens=40, ignore_eos=True)
         assert run.token_ids == greedy.token_ids, decoder.name
     self_drafted = wb.generate(tiny_llama, prompt, cache="full", decoder=decoders[1], max_new_tokens=40,
                                ignore_eos=True)
-    assert self_drafted.trace.sizes["forward"] == 1 + 8  # the model drafting for itself: 4 + 1 tokens a pass
+    # the prefill, the plain step that times greedy decoding, then the model drafting for itself: 4 + 1 tokens a pass
+    assert self_drafted.trace.sizes["forward"] == 1 + 1 + 8
 
 
 @pytest.mark.embedded
@@ -144,11 +147,12 @@ def test_bad_speculative_input_is_refused_in_one_line(tiny_llama):
 
 def test_a_speculative_runs_timings_count_its_steps_and_tokens(tiny_llama):
     run = wb.generate(tiny_llama, "time me", decoder=wb.decode.get("speculative", draft_model=tiny_llama),
-                      max_new_tokens=21, ignore_eos=True, record=["entropy"])
+                      max_new_tokens=22, ignore_eos=True, record=["entropy"])
     seconds = run.steps["step_seconds"].values
     timed = seconds[~torch.isnan(torch.from_numpy(seconds)).numpy()]
-    assert len(timed) == 1 + 4 and len(run.decode_seconds) == 4  # the prefill step, then 4 steps of 5 tokens
-    assert run.decode_tokens_per_s == pytest.approx(20 / timed[1:].sum())
-    assert run.tokens_per_s == pytest.approx(21 / timed.sum())
+    # the prefill step, the plain step (this run's greedy time), then 4 steps of 5 tokens
+    assert len(timed) == 1 + 1 + 4 and len(run.decode_seconds) == 5
+    assert run.decode_tokens_per_s == pytest.approx(21 / timed[1:].sum())
+    assert run.tokens_per_s == pytest.approx(22 / timed.sum())
     summary = run.summary()["entropy"]  # over the steps' first tokens; later tokens have no entropy of their own
     assert summary["mean"] == pytest.approx(float(run.steps["entropy"].mean(skipna=True)))

@@ -118,6 +118,22 @@ def test_live_attention_row_and_cache_raster_follow_the_chosen_layer_and_head(ti
                                   wb.trace.cache_alive(trace).sel(layer=1, kv_head=0).values[:, :raster.shape[1]])
 
 
+def test_live_acceptance_shows_each_verify_pass_of_a_speculative_run(tiny_llama):
+    """The live acceptance curve gets one row per verify pass, holding the tokens the trace says it gave."""
+    panel = Workbench(tiny_llama, "a stitch in time saves nine. a stitch in time saves nine. a", chat=False,
+                      max_new_tokens=16, decoder="cache_draft", ignore_eos=True)
+    panel.config_a.pickers["decoder"].controls["draft_budget"].value = 24
+    run_to_end(panel)
+    assert panel.error.value == ""
+    [run] = panel.runs
+    drafted = run.steps["verify_drafted"].values
+    accepted = run.steps["verify_accepted"].values[drafted >= 0]
+    live = panel.live.acceptance.data
+    assert len(accepted) > 0
+    np.testing.assert_array_equal(live["verify"].to_numpy(), np.arange(len(accepted)))
+    np.testing.assert_array_equal(live["tokens"].to_numpy(), accepted + 1)
+
+
 def test_stop_ends_the_run_early_and_keeps_the_text(panel):
     panel.max_new_tokens.value = 200
     add = panel.live.add

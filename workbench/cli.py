@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="set a component parameter, e.g. --set decoder.temperature=0.7 (repeatable)")
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--record", default=None,
-                     help="comma-separated records to keep in the trace (entropy, attention, logits, cache); "
-                          "default entropy,cache, and with --report also the attention rows of the first and last "
-                          "layers' head 0")
+                     help="comma-separated records to keep in the trace (entropy, attention, logits, cache, "
+                          "fidelity, decoding; default entropy,cache,decoding, and with --report also the "
+                          "attention rows of the first and last layers' head 0")
     run.add_argument("--trace", default=None, metavar="PATH", help="save the trace as netCDF")
     run.add_argument("--report", default=None, metavar="PATH",
                      help="write a self-contained HTML report (configuration, text, summary, plots; works offline)")
@@ -161,6 +161,7 @@ def component_params(args) -> dict[str, dict[str, str]]:
 def run_command(args) -> int:
     from workbench.families import FAMILIES
     from workbench.run import generate
+    from workbench.decode.telemetry import acceptance_line
     from workbench.run.result import entropy_summary_line, fidelity_summary_line
 
     params = component_params(args)
@@ -203,6 +204,8 @@ def run_command(args) -> int:
     print(entropy_summary_line(run))
     if "fidelity" in record:
         print(fidelity_summary_line(run))
+    if "verify_drafted" in run.trace:
+        print(acceptance_line(run))
     if args.trace:
         print(f"trace saved to {args.trace}")
     if args.report:
@@ -211,14 +214,14 @@ def run_command(args) -> int:
 
 
 def _record(args, model):
-    """What the trace keeps: --record when given; else entropy and cache, plus for --report the attention rows
-    its attention-pattern plots show (first and last layer, head 0: small, unlike every row of every head)."""
+    """What the trace keeps: --record when given; else entropy, cache and decoding telemetry, plus for --report the
+    attention rows its attention-pattern plots show (first and last layer, head 0: small, unlike every row of every head)."""
     if args.record is not None:
         return [r.strip() for r in args.record.split(",") if r.strip()]
     if args.report:
-        return {"entropy": True, "cache": True,
+        return {"entropy": True, "cache": True, "decoding": True,
                 "attention": {"layers": sorted({0, model.num_layers - 1}), "heads": [0]}}
-    return ["entropy", "cache"]
+    return ["entropy", "cache", "decoding"]
 
 
 def _load(args):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.decode.speculative import Drafting
+from workbench.decode.speculative import SCHEDULES, Drafting
 from workbench.registry import param
 
 
@@ -33,7 +33,7 @@ class PromptLookup(Drafting):
     k: int = param(10, "draft tokens per verify pass (at most; the first pass's with schedule='heuristic')", min=1)
     schedule: str = param("heuristic", "draft length: transformers' heuristic (+2 / -1, the default here: open-"
                                        "ended text stops paying for long drafts) or a constant k",
-                          choices=("constant", "heuristic"))
+                          choices=SCHEDULES)
     max_ngram: int = param(3, "longest n-gram looked up (then shorter ones)", min=1)
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:

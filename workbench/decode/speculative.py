@@ -17,6 +17,7 @@ decoding's. The target's distribution p is `sample`'s (temperature, top-k, top-p
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,9 @@ import torch
 from workbench.decode.sample import Sample
 from workbench.errors import ParameterError
 from workbench.registry import param
+
+
+SCHEDULES = ("constant", "heuristic", "goodput")  # how a drafter chooses its draft length (see Drafting)
 
 
 def accept(target: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | None,
@@ -62,22 +66,30 @@ class Drafting(Sample):
 
     Draft length: `schedule="constant"` drafts `k` tokens every pass; "heuristic" is transformers' schedule for
     assisted generation, kept per run: start at k, +2 after a pass that kept the whole draft, -1 (down to 1)
-    otherwise, so a drafter that keeps failing stops paying for long verify passes."""
+    otherwise, so a drafter that keeps failing stops paying for long verify passes; "goodput" is SmartSpec's rule
+    (see `goodput_length`): the length in 1..k that maximises the expected tokens per second, from this run's
+    measured acceptance rate and draft and verify times."""
 
     lossless = True
 
     k: int = param(4, "draft tokens per verify pass (the first pass's with schedule='heuristic')", min=1)
-    schedule: str = param("constant", "draft length: constant k, or transformers' heuristic (+2 / -1)",
-                          choices=("constant", "heuristic"))
+    schedule: str = param("constant", "draft length: constant k, transformers' heuristic (+2 / -1), or "
+                                      "SmartSpec's goodput rule (the best length up to k from measured costs)",
+                          choices=SCHEDULES)
     greedy: bool = param(True, "accept on argmax equality (tokens equal greedy decoding); False: rejection "
                                "sampling, lossless for `sample` with the same temperature and filters")
 
     def length(self, ctx) -> int:
         return ctx.state.get("draft_length", self.k)
 
-    def _schedule(self, ctx, drafted: int, kept: int) -> None:
+    def _schedule(self, ctx, drafted: int, kept: int, drafting: float, verifying: float) -> None:
         if self.schedule == "heuristic":
             ctx.state["draft_length"] = self.length(ctx) + 2 if kept == drafted else max(1, self.length(ctx) - 1)
+        elif self.schedule == "goodput":
+            costs = ctx.state.setdefault("costs", PassCosts())
+            costs.add(drafted, kept, drafting, verifying)
+            ctx.state["draft_length"] = goodput_length(costs.acceptance, costs.draft_seconds, costs.verify_line,
+                                                       self.k)
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
@@ -85,27 +97,128 @@ class Drafting(Sample):
     def accepted(self, ctx, kept: int) -> None:
         """Told after each verify pass how many draft tokens were kept."""
 
+    def verify(self, ctx, ids: list[int]) -> torch.Tensor:
+        """The verify pass of the pending token and the draft: (len(ids), vocab) logits (a hook: medusa keeps the
+        pass's hidden states too)."""
+        return ctx.session.feed(ids, "verify")
+
+    def keep(self, ctx, rows: torch.Tensor, target: torch.Tensor | None, tokens: list[int],
+             draft_probs: torch.Tensor | None) -> tuple[int, int]:
+        """How many draft tokens to keep and the token after them: `accept` (a hook for other acceptance rules)."""
+        return accept(rows if self.greedy else target, tokens, draft_probs, ctx.rng, self.greedy)
+
     def step(self, ctx) -> list[int]:
         pending = ctx.take_pending()
-        if not pending:  # the first token: from the prefill's logits
-            return super().step(ctx)
+        if not pending or not ctx.state.get("timed_plain"):  # the first token comes from the prefill's logits;
+            ctx.state["timed_plain"] = bool(pending)  # the second step is plain: this run's greedy step time
+            ctx.pending = pending
+            return self.plain_step(ctx)
+        started = time.perf_counter()
         tokens, draft_probs = self.draft(ctx, pending)
+        drafting = time.perf_counter() - started
         if not tokens:  # nothing to propose: a plain decoding step
             ctx.pending = pending
-            return super().step(ctx)
-        rows = ctx.session.feed(pending + tokens, "verify")
+            return self.plain_step(ctx)
+        started = time.perf_counter()
+        rows = self.verify(ctx, pending + tokens)
+        verifying = time.perf_counter() - started
         ctx.chose_from(rows[0])
-        target = self.probabilities(rows) if not self.greedy else rows
-        kept, after = accept(target, tokens, draft_probs, ctx.rng, self.greedy)
+        target = self.probabilities(rows) if not self.greedy or ctx.recording("target_prob") else None
+        kept, after = self.keep(ctx, rows, target, tokens, draft_probs)
+        started = time.perf_counter()
         ctx.session.commit(1 + kept)  # the pending token and the kept draft
         self.accepted(ctx, kept)
-        self._schedule(ctx, len(tokens), kept)
-        return tokens[:kept] + [after]
+        committing = time.perf_counter() - started
+        self._schedule(ctx, len(tokens), kept, drafting, verifying)
+        out = tokens[:kept] + [after]
+        if target is not None:
+            record_verify(ctx, out, len(tokens), kept, target, draft_probs, drafting, committing)
+        return out
+
+    def plain_step(self, ctx) -> list[int]:
+        """One token from the next-token logits, as plain decoding would choose it."""
+        token = super().step(ctx)
+        if ctx.recording("token_origin"):
+            ctx.record("token_origin", "plain")
+            ctx.record("target_prob", float(self.probabilities(ctx.logits[None])[0, token[0]]))
+        return token
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.greedy:
             return logits.argmax(-1)
         return super().choose(logits, generator)
+
+
+class PassCosts:
+    """What the goodput rule measures over a run's verify passes: the acceptance rate, seconds per draft token,
+    and verify seconds as a line a + b * (tokens fed) fitted by least squares."""
+
+    def __init__(self):
+        self.drafted = self.kept = 0
+        self.drafting = 0.0
+        self.verifies: list[tuple[int, float]] = []  # (tokens fed, seconds)
+
+    def add(self, drafted: int, kept: int, drafting: float, verifying: float) -> None:
+        self.drafted += drafted
+        self.kept += kept
+        self.drafting += drafting
+        self.verifies.append((drafted + 1, verifying))
+
+    @property
+    def acceptance(self) -> float:
+        return self.kept / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_seconds(self) -> float:
+        return self.drafting / self.drafted if self.drafted else 0.0
+
+    @property
+    def verify_line(self) -> tuple[float, float]:
+        tokens = torch.tensor([n for n, _ in self.verifies], dtype=torch.float64)
+        seconds = torch.tensor([t for _, t in self.verifies], dtype=torch.float64)
+        if len(set(tokens.tolist())) < 2:  # one length seen: no slope to fit yet, the time is all overhead
+            return float(seconds.mean()), 0.0
+        centred = tokens - tokens.mean()
+        slope = float((centred * (seconds - seconds.mean())).sum() / (centred ** 2).sum())
+        return float(seconds.mean()) - slope * float(tokens.mean()), max(slope, 0.0)
+
+
+def goodput_length(acceptance: float, draft_seconds: float, verify_line: tuple[float, float], longest: int) -> int:
+    """SmartSpec's rule (Liu et al., 2024, "Optimizing Speculative Decoding for Serving Large Language Models Using
+    Goodput"), for one sequence: the draft length k in 1..longest maximising
+
+        goodput(k) = E[tokens per pass] / (k * draft_seconds + verify(k + 1)),   E[tokens] = (1 - a^(k+1)) / (1 - a)
+
+    with a the acceptance rate (tokens accepted independently with probability a, the paper's model) and
+    verify(n) = intercept + slope * n the measured verify time of n tokens. SmartSpec chooses k per batch
+    from the same estimates; a batch of one makes it per pass."""
+    intercept, slope = verify_line
+    a = min(max(acceptance, 0.0), 1.0 - 1e-6)
+
+    def goodput(k: int) -> float:
+        seconds = k * draft_seconds + intercept + slope * (k + 1)
+        return (1 - a ** (k + 1)) / (1 - a) / seconds if seconds > 0 else float("inf")
+
+    return max(range(1, longest + 1), key=goodput)
+
+
+def record_verify(ctx, out: list[int], drafted: int, kept: int, target: torch.Tensor,
+                  draft_probs: torch.Tensor | None, drafting: float, committing: float) -> None:
+    """The verify pass's telemetry (workbench.decode.telemetry): its counts and seconds, and per emitted token its
+    origin, p(x), q(x) and min(1, p/q). `target` (drafted + 1, vocab) are the target's probabilities, `draft_probs`
+    (drafted, vocab) the draft's (None: a deterministic draft, q = 1)."""
+    ctx.record("verify_drafted", drafted)
+    ctx.record("verify_accepted", kept)
+    ctx.record("verify_bonus", int(kept == drafted))
+    ctx.record("draft_seconds", drafting)
+    ctx.record("commit_seconds", committing)
+    for i, token in enumerate(out):
+        p = float(target[i, token])
+        q = 1.0 if draft_probs is None else float(draft_probs[i, token]) if i < drafted else float("nan")
+        ctx.record("token_origin", "accepted" if i < kept else "bonus" if kept == drafted else "resampled")
+        ctx.record("target_prob", p)
+        ctx.record("draft_prob", q if i < drafted else float("nan"))
+        ctx.record("accept_prob", min(1.0, p / q) if i < kept and q > 0 else float("nan"))
 
 
 @dataclass
@@ -124,15 +237,15 @@ class ModelDrafting(Drafting):
         logits = session.feed(behind, phase)[-1]
         tokens, probs, length = [], [], self.length(ctx)
         for i in range(length):
+            probs.append(self.probabilities(logits[None])[0])  # q: for rejection sampling, and the telemetry
             if self.greedy:
                 token = int(logits.argmax())
             else:
-                probs.append(self.probabilities(logits[None])[0])
                 token = int(torch.multinomial(probs[-1], 1, generator=ctx.rng))
             tokens.append(token)
             if i + 1 < length:
                 logits = session.feed([token], "rollout", logits="last")[-1]
-        return tokens, None if self.greedy else torch.stack(probs)
+        return tokens, torch.stack(probs)
 
     def accepted(self, ctx, kept: int) -> None:
         session = ctx.state["draft_session"]
@@ -181,8 +294,10 @@ def _load(name: str):
     return load(name)
 
 
-def check_same_vocabulary(target, draft) -> None:
+def check_same_vocabulary(target, draft, role: str = "draft model", decoder: str = "speculative") -> None:
+    """Refuse a second model whose tokenizer or vocabulary differs from the target's (`role`: what the decoder
+    calls it; `decoder`: the decoder's name), since its tokens would mean other strings."""
     sizes = (target.text_config.vocab_size, draft.text_config.vocab_size)
     if sizes[0] != sizes[1] or target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
-        raise ParameterError(f"the draft model {draft.name} has another tokenizer or vocabulary (sizes {sizes[1]} "
-                             f"against the target's {sizes[0]}); speculative decoding needs the same tokenizer")
+        raise ParameterError(f"the {role} {draft.name} has another tokenizer or vocabulary (sizes {sizes[1]} "
+                             f"against the target's {sizes[0]}); decoder '{decoder}' needs the target's tokenizer")

@@ -12,12 +12,15 @@ class StepContext:
     shared with the recorder), the run's random generator and a way to record telemetry."""
 
     def __init__(self, session, rng: torch.Generator, pending: list[int], logits: torch.Tensor | None, recorder,
-                 tokens: list[int] | None = None, state: dict | None = None):
+                 tokens: list[int] | None = None, state: dict | None = None, remaining: int | None = None,
+                 stop_ids: frozenset[int] | set[int] = frozenset()):
         self.session = session
         self.rng = rng
         self.tokens = tokens if tokens is not None else []  # the sequence so far: prompt, then every chosen token
         self.state = state if state is not None else {}  # the run's own: kept from step to step (a draft's session)
         self.pending = list(pending)  # chosen but not fed yet
+        self.remaining = remaining  # tokens the run may still emit, this step's included (None: unbounded)
+        self.stop_ids = frozenset(stop_ids)  # end-of-sequence ids that stop the run (empty with ignore_eos)
         self.recorder = recorder
         self._logits = logits
         self._entropy = None
@@ -57,5 +60,12 @@ class StepContext:
         return self._logits is not None
 
     def record(self, name: str, value) -> None:
-        """Record a declared trace variable (workbench.trace.schema) for this step; ignored when not recorded."""
-        self.recorder.record(name, value)
+        """Record a declared trace variable (workbench.trace.schema); ignored when not recorded. A `step` variable
+        takes one value per token the step returns, in order (fewer: the rest are missing); a `forward` variable
+        describes the session's latest pass."""
+        if self.recorder is not None:
+            self.recorder.record(name, value)
+
+    def recording(self, name: str) -> bool:
+        """Whether variable `name` is recorded in this run (to skip computing what nobody keeps)."""
+        return self.recorder is not None and name in self.recorder.enabled

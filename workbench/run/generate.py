@@ -109,7 +109,8 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
         pending: list[int] = []
         sequence, state = prompt_ids[0].tolist(), {}  # read by decoders through ctx.tokens / ctx.state
         while len(generated) < max_new_tokens:
-            ctx = StepContext(session, rng, pending, logits, recorder, sequence, state)
+            ctx = StepContext(session, rng, pending, logits, recorder, sequence, state,
+                              remaining=max_new_tokens - len(generated), stop_ids=stop_ids)
             tokens = decoder.step(ctx)
             if not ctx.logits_seen and not ctx.pending:
                 raise WorkbenchError(f"decoder '{decoder.name}' fed the pending token itself but did not say which "

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from workbench.decode.telemetry import acceptance
 from workbench.trace import save_trace
 
 
@@ -89,6 +90,9 @@ class Run:
                               "attention_mean_by_layer": [round(float(v), 4) for v in attention]}
         if "kl_vs_dense" in trace and trace.sizes["step"]:
             out["fidelity"] = fidelity_summary(trace)
+        accepted = acceptance(trace)
+        if accepted is not None:
+            out["acceptance"] = accepted
         return out
 
     def __repr__(self) -> str:

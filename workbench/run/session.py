@@ -16,6 +16,7 @@ prefill replay, the fidelity replay and the cache benchmark all feed through a S
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Callable
 
@@ -74,6 +75,20 @@ class Session:
         """Start over with a fresh cache of the same policy (nothing fed)."""
         self.cache = build_cache(self.model, self.policy)
         self.binding.cache = self.cache
+
+    def fork(self) -> Session:
+        """A new session that continues exactly as this one would: a copy of the cache (stores, positions, the
+        policy's statistics and run state), the same model, attention variant and router; no observer and no
+        listeners (what the fork feeds is not this session's record). The policy component is shared, not
+        copied: components keep no run state. Needs no open provisional tail (commit or roll back first)."""
+        if self.cache.tail_open:
+            raise WorkbenchError(f"{self.position - self.committed} provisional tokens are open: commit(n) or "
+                                 "rollback(mark) before fork()")
+        with torch.inference_mode():  # the stores hold inference tensors
+            cache = copy.deepcopy(self.cache, {id(self.cache.policy): self.cache.policy})
+        fork = Session(self.model, cache, self.attention, router=self.router)
+        fork.peak_bytes, fork.held_peak_bytes = self.peak_bytes, self.held_peak_bytes
+        return fork
 
     # A session binds the model only for the duration of each forward, so it holds nothing to release: `with`
     # is accepted for readability and does nothing more.

@@ -25,7 +25,7 @@ import numpy as np
 import xarray as xr
 
 from workbench.trace import schema
-from workbench.trace.recorder import Recorder
+from workbench.trace.recorder import Recorder, missing
 
 ENGINE = "h5netcdf"
 
@@ -89,7 +89,10 @@ def _assemble(variable: schema.Variable, recorder: Recorder, sizes: dict[str, in
     rows = recorder.along.get(variable.name, [])[:sizes[variable.axis]]
     rest = [sizes[d] for d in variable.dims[1:]]
     if not rows:
+        if sizes[variable.axis]:
+            return None  # asked for, but no component of this run produces it (a verify count without a drafter)
         return np.zeros((0, *rest), dtype=dtype)
+    rows = rows + [missing(rows[-1])] * (sizes[variable.axis] - len(rows))  # passes after the last value
     return np.stack([_fit(np.asarray(row), variable, sizes, offset=1) for row in rows]).astype(dtype)
 
 

@@ -96,7 +96,7 @@ def by_position(probs: torch.Tensor, slot_positions: torch.Tensor | None, heads,
     return out.scatter_add_(2, index, torch.where(positions[:, None, :] >= 0, probs, 0.0))
 
 
-def _missing(value):
+def missing(value):
     """A missing value shaped like `value`: NaN for floats, -1 for integers, "" for text."""
     if isinstance(value, str):
         return ""
@@ -133,7 +133,6 @@ class Recorder:
         self.evictions: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         self._layer: dict[str, dict[int, torch.Tensor]] = {"entropy": {}, "probs": {}, "recall": {}, "error": {}}
         self._rows: dict[int, dict[str, np.ndarray]] = {}  # forward index -> its rows per statistic, until a step
-        self._step_lengths: dict[str, int] = {}  # entries of each step variable when the last step ended
 
     # -- writing variables ----------------------------------------------------------------------------------
     def record(self, name: str, value) -> None:
@@ -145,8 +144,13 @@ class Recorder:
             return
         if variable.axis is None:
             self.whole[name] = np.asarray(value)
-        else:
-            self.along.setdefault(name, []).append(value)
+            return
+        values = self.along.setdefault(name, [])
+        # a step value belongs to the step under way (index self.steps on), a forward value to the latest pass:
+        # entries that never came are missing, so every variable stays aligned with its axis
+        start = self.steps if variable.axis == "step" else self.forwards - 1
+        values += [missing(value)] * (start - len(values))
+        values.append(value)
 
     # -- the attention observer protocol -------------------------------------------------------------------
     def wants(self, layer: int) -> frozenset[str]:
@@ -172,11 +176,11 @@ class Recorder:
 
     # -- after every forward pass (a session listener) -----------------------------------------------------
     def end_forward(self, forward, seconds: float) -> None:
+        self.forwards += 1
         self.record("forward_seconds", seconds)
         self.record("forward_phase", forward.phase)
         self.record("forward_start", forward.start)
         self.record("forward_tokens", forward.count)
-        self.forwards += 1
         layers, latest = self._layer, {}
         if layers["entropy"]:
             latest["entropy"] = torch.stack([layers["entropy"][i] for i in range(self.num_layers)]).cpu().numpy()
@@ -245,17 +249,21 @@ class Recorder:
             records["cache_tokens"] = cache.tokens_held().numpy()
             self.record("cache_bytes", records["cache_bytes"])
             self.record("cache_tokens", records["cache_tokens"])
+        accepted = self.along.get("verify_accepted", [])
+        if len(accepted) == self.forwards and accepted[-1] >= 0:  # the step ended with a verify pass (live views)
+            records["verify_drafted"], records["verify_accepted"] = self.along["verify_drafted"][-1], accepted[-1]
         self._pad_step(tokens, forward)
         self.steps += tokens
         return records
 
     def _pad_step(self, tokens: int, forward: int) -> None:
+        """Every step variable gets one entry per token of the step: the later tokens of a multi-token step are
+        missing unless the decoder recorded them; values past the run's last token are dropped."""
+        end = self.steps + tokens
         for name, values in self.along.items():
-            if schema.VARIABLES[name].axis != "step":
-                continue
-            if len(values) > self._step_lengths.get(name, 0) and tokens > 1:
-                values += [_missing(values[-1])] * (tokens - 1)
-            self._step_lengths[name] = len(values)
+            if schema.VARIABLES[name].axis == "step" and values:
+                del values[end:]
+                values += [missing(values[-1])] * (end - len(values))
         self.forward_of_step += [forward] * (tokens - 1)
         if self.log_probs and len(self.log_probs) < self.steps + tokens:  # the fidelity KL of those tokens: NaN
             self.log_probs += [torch.full_like(self.log_probs[-1], float("nan"))] * (tokens - 1)

@@ -7,6 +7,7 @@
     wb.viz.entropy(run.trace)           # token stream, entropy curve, attention entropy maps
     wb.viz.cache_occupancy(run.trace, layer=0, kv_head=0)
     wb.viz.compare(run_a, run_b, labels=("full", "snapkv"))
+    wb.viz.decoding(run.trace)          # speculative acceptance, time per phase, adaptive decisions
     wb.viz.save_html(plot, "plot.html"); wb.viz.save_png(plot, "plot.png")
 
 Every plot takes a Run or its trace, and fails with a WorkbenchError naming the `record=` choice it needs when the
@@ -18,12 +19,15 @@ from workbench.viz.attention_plots import attention_pattern
 from workbench.viz.backend import setup
 from workbench.viz.cache_plots import cache_bytes, cache_occupancy, cache_states
 from workbench.viz.comparison import compare, divergence_step
+from workbench.viz.decoding_plots import (acceptance_by_position, accepted_lengths, decisions, decoding,
+                                          phase_times)
 from workbench.viz.entropy_plots import entropy_curve, entropy_heatmap, head_entropy_map
 from workbench.viz.export import save_html, save_png
 from workbench.viz.fidelity_plots import fidelity, fidelity_variables
 from workbench.viz.overview import entropy, overview, supported_plots
 from workbench.viz.stream import token_stream
 
-__all__ = ["attention_pattern", "cache_bytes", "cache_occupancy", "cache_states", "compare", "divergence_step",
-           "entropy", "entropy_curve", "entropy_heatmap", "fidelity", "fidelity_variables", "head_entropy_map",
-           "overview", "save_html", "save_png", "setup", "supported_plots", "token_stream"]
+__all__ = ["acceptance_by_position", "accepted_lengths", "attention_pattern", "cache_bytes", "cache_occupancy",
+           "cache_states", "compare", "decisions", "decoding", "divergence_step", "entropy", "entropy_curve",
+           "entropy_heatmap", "fidelity", "fidelity_variables", "head_entropy_map", "overview", "phase_times",
+           "save_html", "save_png", "setup", "supported_plots", "token_stream"]

@@ -87,6 +87,8 @@ def cache_bytes(trace: Any, *, title: str | None = None) -> hv.Curve:
     trace = as_trace(trace)
     require(trace, "cache_bytes", purpose="cache memory")
     require_steps(trace, "cache memory")
-    return step_curve(trace, "cache_bytes", trace["cache_bytes"].values, step_tokens(trace),
+    held = pd.Series(trace["cache_bytes"].values.reshape(-1)).where(lambda v: v >= 0).ffill()  # see below
+    # the later tokens of a multi-token step (accepted drafts) hold no value of their own: the step's applies
+    return step_curve(trace, "cache_bytes", held.to_numpy(), step_tokens(trace),
                       title=title or "KV cache memory", ylabel="bytes held by the KV cache",
                       hover=("cache", "{0.00 b}"), yformatter=NumeralTickFormatter(format="0.0 b"), ylim=(0, None))

@@ -7,9 +7,11 @@ from typing import Any
 
 import holoviews as hv
 
+from workbench.decode.telemetry import acceptance
 from workbench.viz.attention_plots import attention_pattern
 from workbench.viz.backend import ensure_bokeh
 from workbench.viz.cache_plots import cache_bytes, cache_occupancy
+from workbench.viz.decoding_plots import acceptance_by_position, accepted_lengths, decisions, phase_times
 from workbench.viz.entropy_plots import entropy_curve, entropy_heatmap, head_entropy_map
 from workbench.viz.fidelity_plots import fidelity, fidelity_variables
 from workbench.viz.inputs import as_trace, require, require_steps
@@ -54,6 +56,14 @@ def supported_plots(trace: Any) -> dict[str, hv.core.Dimensioned]:
             plots[f"cache_occupancy layer {layer} kv_head 0"] = cache_occupancy(trace, layer, 0)
     if steps and fidelity_variables(trace):
         plots["fidelity"] = fidelity(trace)
+    if steps and "token_origin" in trace:
+        plots["token_stream by origin"] = token_stream(trace, color_by="origin")
+    if steps and "verify_drafted" in trace and acceptance(trace) is not None:
+        plots["acceptance_by_position"] = acceptance_by_position(trace)
+        plots["accepted_lengths"] = accepted_lengths(trace)
+        plots["phase_times"] = phase_times(trace)
+    if steps and "decode_decision" in trace:
+        plots["decisions"] = decisions(trace)
     return plots
 
 

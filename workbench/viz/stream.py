@@ -13,19 +13,22 @@ from bokeh.core.property.vectorization import value
 from workbench.errors import ParameterError
 from workbench.viz import style
 from workbench.viz.backend import ensure_bokeh
-from workbench.viz.inputs import as_trace, check_choice, position_tokens, prompt_length, require_steps, step_tokens
+from workbench.viz.inputs import (as_trace, check_choice, position_tokens, prompt_length, require, require_steps,
+                                  step_tokens)
 
 LINE_PIXELS = 24
 CORNERS = ["x0", "y0", "x1", "y1"]
 
 
 def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 48, mark_step: int | None = None,
-                 title: str | None = None) -> hv.Overlay:
+                 title: str | None = None, color_by: str = "entropy") -> hv.Overlay:
     """Generated tokens as text, wrapped into lines of about `line_chars` characters, coloured by next-token
     entropy when the trace recorded it ("entropy"); hover shows each token's text, step and entropy.
 
     prompt    -- show the prompt's tokens first, in grey
     mark_step -- outline the token of this step (compare() marks where two runs diverge)
+    color_by  -- "entropy", or "origin": where a speculative decoder's token came from (accepted draft,
+                 resampled, bonus, plain; record "decoding")
     """
     ensure_bokeh()
     trace = as_trace(trace)
@@ -37,13 +40,21 @@ def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 48, mark
     prompt_cells, cells = cells.iloc[:len(shown_prompt)].copy(), cells.iloc[len(shown_prompt):].copy()
     prompt_cells["position"] = np.arange(len(shown_prompt))
     cells["step"] = trace["step"].values
+    if color_by not in ("entropy", "origin"):
+        raise ParameterError(f"color_by must be 'entropy' or 'origin', got {color_by!r}")
+    if color_by == "origin":
+        require(trace, "token_origin", purpose="a token stream coloured by origin")
     has_entropy = "entropy" in trace
     cells["entropy"] = trace["entropy"].values.astype(float) if has_entropy else np.nan
 
     layers = [] if not prompt else [hv.Rectangles(prompt_cells, CORNERS, ["token", "position"], label="prompt").opts(
         backend="bokeh", hover_tooltips=[("prompt token", "@{token}"), ("position", "@{position}")],
         color=style.NO_VALUE_COLOR, line_color="white", line_width=2)]
-    layers.append(_generated_cells(cells, has_entropy))
+    if color_by == "origin":
+        cells["origin"] = trace["token_origin"].values.astype(str)
+        layers += _origin_cells(cells)
+    else:
+        layers.append(_generated_cells(cells, has_entropy))
     if mark_step is not None:
         step = check_choice(mark_step, trace["step"].values, "step")
         layers.append(hv.Rectangles(cells.iloc[[step]], CORNERS, ["token", "step"], label="marked").opts(
@@ -60,8 +71,11 @@ def token_stream(trace: Any, *, prompt: bool = False, line_chars: int = 48, mark
     lines = int(everything["y1"].max()) + 1
     default = "generated tokens, coloured by next-token entropy" if has_entropy else \
         "generated tokens (record 'entropy' to colour them by it)"
+    if color_by == "origin":
+        default = "generated tokens by origin (accepted and rejected drafts)"
     return hv.Overlay(layers).opts(
-        backend="bokeh", title=title or default, xaxis=None, yaxis=None, invert_yaxis=True, show_legend=False,
+        backend="bokeh", title=title or default, xaxis=None, yaxis=None, invert_yaxis=True,
+        show_legend=color_by == "origin", legend_position="right",
         width=style.WIDTH, height=max(120, 60 + LINE_PIXELS * lines), xlim=(-0.5, line_chars + 0.5),
         ylim=(-0.2, lines + 0.2), toolbar="above")
 
@@ -75,6 +89,15 @@ def _generated_cells(cells: pd.DataFrame, has_entropy: bool) -> hv.Rectangles:
     return tokens.opts(backend="bokeh", color="entropy", cmap=style.ENTROPY_CMAP, colorbar=True,
                        clim=(0.0, max(float(np.nanmax(cells["entropy"])), 1e-6)),
                        colorbar_opts={"title": "entropy (nats)"})
+
+
+def _origin_cells(cells: pd.DataFrame) -> list[hv.Rectangles]:
+    """One layer of cells per origin, each in its fixed colour (a legend entry each)."""
+    return [hv.Rectangles(cells[cells["origin"] == origin], CORNERS, ["token", "step", "origin"],
+                          label=origin).opts(
+        backend="bokeh", color=colour, line_color="white", line_width=2,
+        hover_tooltips=[("token", "@{token}"), ("step", "@{step}"), ("origin", "@{origin}")])
+        for origin, colour in style.ORIGIN_COLORS.items() if (cells["origin"] == origin).any()]
 
 
 def _wrap(tokens: list[str], line_chars: int) -> pd.DataFrame:

@@ -20,3 +20,12 @@ CACHE_STATE_COLORS = {
 # compare: run A, run B, and the divergence mark
 RUN_COLORS = ("#1f77b4", "#d62728")
 DIVERGENCE_COLOR = "#555555"
+
+# decoding: where each token came from (workbench.decode.telemetry's token_origin)
+ORIGIN_COLORS = {
+    "accepted": "#2a9d8f",  # a draft token the target kept
+    "resampled": "#e76f51",  # the target's token where the draft was rejected
+    "bonus": "#8ab17d",  # the target's token after a fully kept draft
+    "plain": "#cfe3f5",  # no draft
+}
+PHASE_COLOR = "#6c8ebf"  # phase_times' bars

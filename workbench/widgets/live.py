@@ -11,6 +11,8 @@ so drawing never runs once per token.
                                                  layer and head (recorded with record "attention")
     cache_raster  Pipe    (step, position) codes what the chosen layer and KV head held after each step: not yet
                                                  seen, kept, evicted, merged (recorded with record "cache")
+    acceptance    Buffer  (verify, tokens)       tokens each verify pass of a speculative decoder gave (the kept
+                                                 drafts and the target's own; recorded with record "decoding")
 
 `select(layer, head)` chooses the layer and query head the last two show (the raster shows the head's KV head).
 """
@@ -49,6 +51,11 @@ class LivePlots:
         self.entropy = Buffer(_frame("entropy", float), length=MAX_ROWS, index=False)
         self.cache_bytes = Buffer(_frame("cache_bytes", np.int64), length=MAX_ROWS, index=False)
         self.attention = Pipe(data=self._blank())
+        self.acceptance = Buffer(pd.DataFrame({"verify": np.array([], dtype=np.int64),
+                                               "tokens": np.array([], dtype=np.int64)}), length=MAX_ROWS, index=False)
+        self._verifies: list[tuple[int, int]] = []  # (verify pass, tokens it gave) since the last flush
+        self._verify_count = 0
+        self._last_records: dict | None = None  # the tokens of one step share its records: count a pass once
         self._buffers = {"entropy": self.entropy, "cache_bytes": self.cache_bytes}
         self._pending: dict[str, list] = {name: [] for name in self._buffers}
         self._latest_attention: np.ndarray | None = None
@@ -67,6 +74,10 @@ class LivePlots:
         if "cache_positions" in records:
             self._events += records["cache_events"]
             self._given.append(records["cache_positions"])
+        if "verify_accepted" in records and records is not self._last_records:
+            self._verifies.append((self._verify_count, int(records["verify_accepted"]) + 1))
+            self._verify_count += 1
+        self._last_records = records
 
     def flush(self) -> None:
         """Send the records kept since the last flush to the streams (each stream redraws its plot once)."""
@@ -86,6 +97,9 @@ class LivePlots:
             self._latest_row = None
         if self._given:
             self.cache_raster.send(self.raster())
+        if self._verifies:
+            self.acceptance.send(pd.DataFrame(self._verifies, columns=["verify", "tokens"]))
+            self._verifies = []
 
     def start(self, prompt_tokens: list[str]) -> None:
         """A run begins: empty every plot; the prompt's tokens label the first positions of the attention row."""
@@ -120,8 +134,9 @@ class LivePlots:
         for rows in self._pending.values():
             rows.clear()
         self._latest_attention = self._latest_row = None
-        self.tokens, self._events, self._given = [], [], []
-        for buffer in self._buffers.values():
+        self.tokens, self._events, self._given, self._verifies = [], [], [], []
+        self._verify_count, self._last_records = 0, None
+        for buffer in (*self._buffers.values(), self.acceptance):
             buffer.clear()
         self.attention.send(self._blank())
         self.attention_row.send(_row_frame([], [], []))
@@ -149,7 +164,10 @@ class LivePlots:
                                                          ("weight", "@weight{0.000}")], **common))
         raster = hv.DynamicMap(self._raster_image, streams=[self.cache_raster]).opts(
             hv.opts.Image(cmap=CACHE_COLORS, clim=(-0.5, 3.5), colorbar=False, **common))
-        return (entropy + cache + attention + row + raster).cols(3)  # one grid: every plot as wide, 3 fit the panel
+        accepted = hv.DynamicMap(self._acceptance_points, streams=[self.acceptance]).opts(
+            hv.opts.Scatter(color="#2a9d8f", size=7, ylim=(0, None), **common))
+        # one grid: every plot as wide, 3 fit the panel
+        return (entropy + cache + attention + row + raster + accepted).cols(3)
 
     # -- DynamicMap callbacks: data in, element out ------------------------------------------------------------
     @staticmethod
@@ -159,6 +177,12 @@ class LivePlots:
     @staticmethod
     def _cache_curve(data):
         return hv.Curve(data, "step", "cache_bytes")
+
+    @staticmethod
+    def _acceptance_points(data):
+        title = "tokens per verify pass"
+        title += f" (mean {data['tokens'].mean():.2f})" if len(data) else " (none yet)"
+        return hv.Scatter(data, "verify", "tokens").opts(title=title)
 
     def _row_curve(self, data):
         ticks, apart = [], max(1, len(self.tokens) // (3 * LABELED_TOKENS))  # labels far enough not to overlap

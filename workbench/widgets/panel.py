@@ -35,7 +35,7 @@ class Workbench:
     prompt         -- the text in the prompt box at first
     chat           -- send the prompt as a user chat message through the chat template (default: when the
                       model has a chat template), else as raw text to continue
-    record         -- what the trace records at first (the live plots draw "entropy" and "cache")
+    record         -- what the trace records at first (the live plots draw "entropy", "cache" and "decoding")
     attention, cache, decoder, router -- the members chosen at first, for both configurations
     ignore_eos     -- keep generating past end-of-sequence tokens at first (fixed-length runs)
     interval       -- seconds between live plot redraws at most (redraws also slow down when they are expensive)
@@ -45,7 +45,7 @@ class Workbench:
     """
 
     def __init__(self, model: Model, prompt: str = "Name the three primary colors.", *, chat: bool | None = None,
-                 max_new_tokens: int = 48, record=("entropy", "cache"), attention: str = "sdpa",
+                 max_new_tokens: int = 48, record=("entropy", "cache", "decoding"), attention: str = "sdpa",
                  cache: str = "full", decoder: str = "greedy", router: str = "native", ignore_eos: bool = False,
                  interval: float = 0.2):
         from workbench.families import FAMILIES

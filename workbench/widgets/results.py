@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from workbench.decode.telemetry import acceptance
 from workbench.run import Run
 
 
 def result_view(runs: list[Run]):
-    """One run: its token stream coloured by entropy, its per-head attention entropy and its cache bytes (those
+    """One run: its token stream coloured by entropy, its per-head attention entropy, its cache bytes and, for
+    speculative or adaptive decoders, the tokens by origin, acceptance by draft position and the decisions (those
     that were recorded). Two runs (compare mode): `workbench.viz.compare` of the pair."""
     import holoviews as hv
 
@@ -20,4 +22,10 @@ def result_view(runs: list[Run]):
         plots.append(viz.head_entropy_map(trace))
     if "cache_bytes" in trace:
         plots.append(viz.cache_bytes(trace))
+    if "token_origin" in trace:
+        plots.append(viz.token_stream(trace, color_by="origin"))
+    if "verify_drafted" in trace and acceptance(trace) is not None:
+        plots.append(viz.acceptance_by_position(trace))
+    if "decode_decision" in trace:
+        plots.append(viz.decisions(trace))
     return hv.Layout(plots).cols(1)
