@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import workbench as wb
@@ -19,6 +20,7 @@ from workbench.eval import Passkey, converse, perplexity
 from workbench.eval.tasks import Perplexity
 from workbench.sweeps import Grid, SweepError
 from workbench.sweeps.dataset import TIMING
+from workbench.sweeps.execute import local_threads
 from workbench.sweeps.plots import pareto
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +255,13 @@ def test_two_ray_workers_give_the_serial_numbers_and_survive_dying_workers(tiny_
         ray.shutdown()
     workers = {json.loads(p.read_text())["worker"] for p in cell_files(tmp_path / "store")}
     assert len(workers) == 2 and os.getpid() not in {int(w.split(":")[1]) for w in workers}
-    serial = wb.sweep(GRID, progress=False, models={"tiny:llama": tiny_llama})
+    # float sums depend on how many threads split them: the serial reference runs with a worker's thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(local_threads(2))
+    try:
+        serial = wb.sweep(GRID, progress=False, models={"tiny:llama": tiny_llama})
+    finally:
+        torch.set_num_threads(threads)
     measures_equal(ds, serial)
     assert survived.status.sel(task="crashes_once").item() == "done"  # rescheduled on a new worker
     assert survived.status.sel(task="always_crashes").item() == "failed"  # recorded after two deaths
