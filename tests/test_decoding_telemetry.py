@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 
 import workbench as wb
-from workbench.decode.speculative import goodput_length
+from workbench.decode.speculative import PassCosts, goodput_length
 from workbench.decode.telemetry import acceptance
 
 REPEAT = "Repeat after me: a stitch in time saves nine. a stitch in time saves nine. a stitch"
@@ -143,3 +143,25 @@ def test_cache_draft_on_the_embedded_model_equals_greedy_and_keeps_drafts(embedd
                       max_new_tokens=24, record=["decoding"])
     assert run.token_ids == greedy.token_ids
     assert acceptance(run.trace)["acceptance_rate"] > 0.25
+
+
+def test_pass_costs_estimate_the_per_token_acceptance_from_the_positions_tried():
+    """Two passes of 4 drafts: one kept 1 (tried 2: the kept one and the first rejected), one kept all 4 (tried
+    4): a = 5 / 6, not 5 / 8 (the positions after a rejection were never tried)."""
+    costs = PassCosts()
+    costs.add(4, 1, 0.1, 0.2)
+    costs.add(4, 4, 0.1, 0.3)
+    assert costs.acceptance == pytest.approx(5 / 6)
+    assert costs.draft_seconds == pytest.approx(0.2 / 8)
+
+
+@pytest.mark.embedded
+def test_a_deterministic_draft_has_q_one_where_kept_and_zero_where_resampled(embedded):
+    prompt = [{"role": "user", "content": "Repeat exactly, then count on: one two three four five, one two three "
+                                          "four five, one two three four five."}]
+    run = wb.generate(embedded, prompt, decoder=wb.decode.get("prompt_lookup", k=4), max_new_tokens=30,
+                      ignore_eos=True, record="decoding")
+    origins, q = run.steps["token_origin"].values, run.steps["draft_prob"].values
+    assert (origins == "accepted").any() and (origins == "resampled").any()
+    assert (q[origins == "accepted"] == 1.0).all() and (q[origins == "resampled"] == 0.0).all()
+    assert np.isnan(q[(origins == "bonus") | (origins == "plain")]).all()

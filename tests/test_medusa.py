@@ -71,19 +71,23 @@ def test_untrained_heads_start_as_the_lm_head(tiny_llama):
         torch.testing.assert_close(heads(hidden, lm_head), lm_head(hidden).expand(2, -1, -1))
 
 
-@pytest.mark.parametrize("cache", ["full", "snapkv"])
-def test_greedy_medusa_equals_greedy_on_a_tiny_model(tiny_llama, cache, tmp_path):
-    policy = "full" if cache == "full" else wb.cache.get(cache, budget=40, window=8)
+@pytest.mark.parametrize("tree", ["default", "chain", [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]])
+@pytest.mark.parametrize("cache", ["full", "snapkv", "h2o"])  # h2o acts on provisional rows: the chain is verified
+def test_greedy_medusa_equals_greedy_on_a_tiny_model(tiny_llama, cache, tree, tmp_path):
+    policy = {"full": "full", "snapkv": wb.cache.get("snapkv", budget=40, window=8),
+              "h2o": wb.cache.get("h2o", budget=40)}[cache]
     greedy = wb.generate(tiny_llama, PROMPT, cache=policy, max_new_tokens=40, ignore_eos=True)
     fitted = fitted_heads(tiny_llama, greedy.prompt_ids + greedy.token_ids)
     path = tmp_path / "heads.pt"
     random_heads(tiny_llama, 3, seed=2).save(path, tiny_llama.name)
     for heads, k in ((random_heads(tiny_llama, 3), 3), (random_heads(tiny_llama, 3), 1), (str(path), 2),
                      (fitted, 3)):
-        decoder = wb.decode.get("medusa", heads=heads, k=k)
+        decoder = wb.decode.get("medusa", heads=heads, k=k, tree=tree)
         run = wb.generate(tiny_llama, PROMPT, cache=policy, decoder=decoder, max_new_tokens=40, ignore_eos=True,
                           record="decoding")
         assert run.token_ids == greedy.token_ids, (cache, k)
+        tree_passes = run.trace["verify_candidates"].values > run.trace["verify_drafted"].values
+        assert tree_passes.any() == (tree != "chain" and cache != "h2o"), (cache, k)  # k = 1: a tree of width
     if cache == "full":  # the fitted heads' drafts are accepted: the kept-prefix path ran
         assert sum(accepted(run)) > 10
 
@@ -125,6 +129,10 @@ def test_bad_input_is_refused(tiny_llama):
     with pytest.raises(wb.ParameterError, match="no file at"):
         wb.generate(tiny_llama, PROMPT, decoder=wb.decode.get("medusa", heads="/nonexistent/heads.pt"),
                     max_new_tokens=8)
+    with pytest.raises(wb.ParameterError, match="parameter 'tree' is 'wide'; give 'default', 'chain'"):
+        wb.decode.get("medusa", heads=random_heads(tiny_llama, 3), k=3, tree="wide")
+    with pytest.raises(wb.ParameterError, match=r"tree node \(1, 0\) has no parent"):
+        wb.decode.get("medusa", heads=random_heads(tiny_llama, 3), k=3, tree=[(0,), (1, 0)])
     with pytest.raises(wb.ParameterError, match="hidden size"):
         wb.generate(tiny_llama, PROMPT, decoder=wb.decode.get("medusa", heads=MedusaHeads(8, 4)), max_new_tokens=8)
 

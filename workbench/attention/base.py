@@ -96,7 +96,12 @@ class AttentionResult:
 
 class AttentionVariant(Component):
     """Base of attention variants: `attend` computes the layer's attention output and, when asked
-    (`want` is a subset of STATISTICS), the statistics of the attention it actually used."""
+    (`want` is a subset of STATISTICS), the statistics of the attention it actually used.
+
+    any_mask -- True for dense variants that attend exactly where `call.mask` allows, whatever its shape (a tree
+                verify pass's ancestor mask); sparse variants choose keys by position and leave it False."""
+
+    any_mask = False
 
     def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
         raise NotImplementedError

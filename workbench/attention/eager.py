@@ -14,6 +14,7 @@ from workbench.attention.base import AttentionCall, AttentionResult, AttentionVa
 @dataclass
 class Eager(AttentionVariant):
     name = "eager"
+    any_mask = True  # attends exactly where call.mask allows
     summary = "Dense attention that materializes the full weight matrix (the model's own eager code)."
     paper = "Attention Is All You Need (Vaswani et al., NeurIPS 2017) - dense reference"
 

@@ -22,6 +22,7 @@ _warned: set[str] = set()
 @dataclass
 class Flash(AttentionVariant):
     name = "flash"
+    any_mask = True  # attends exactly where call.mask allows
     summary = ("Fused flash attention (Triton on GPU) that computes row entropy and per-key attention mass in the "
                "same kernel instead of recomputing dense weights.")
     paper = ("FlashAttention-2 (Dao, ICLR 2024) with online entropy and a key-mass pass; decoding split-K as in "

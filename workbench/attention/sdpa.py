@@ -18,6 +18,7 @@ from workbench.errors import UnsupportedError
 @dataclass
 class SDPA(AttentionVariant):
     name = "sdpa"
+    any_mask = True  # attends exactly where call.mask allows
     summary = "Dense attention with torch SDPA (fused, weights never materialized); the transformers default."
     paper = "FlashAttention (Dao et al., NeurIPS 2022) via torch.nn.functional.scaled_dot_product_attention"
 

@@ -40,6 +40,9 @@ class ForwardPass:
     start: int  # position of the first token
     count: int  # tokens in the pass
     token_ids: torch.Tensor | None = None  # (count,) long, for policies that read the text (sentence_kv)
+    # a tree verify pass (workbench.decode.tree): bool (count, count), row i may see row j of the pass (j is i or
+    # an ancestor); None: the pass's tokens are one sequence
+    tree: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -294,9 +297,32 @@ class CacheLayer(CacheLayerMixin):
             if "hidden" in self.store.extras:
                 self.store.extra("hidden", False, torch.bool).zero_()
 
-    def commit(self, position: int, policy) -> None:
+    def keep_tail_rows(self, start: int, rows: list[int]) -> None:
+        """Keep only the tail's rows `rows` (offsets from `start`, ascending, 0 first) and give them consecutive
+        positions start, start + 1, ...: a tree verify pass keeps one root-to-leaf path. Only for policies that
+        did not act on the tail (nothing of it is hidden)."""
+        store, tail = self.store, self.next_position - start
+        positions = store.all_positions()
+        wanted = torch.zeros(tail, dtype=torch.bool, device=positions.device)
+        wanted[rows] = True
+        offset = positions - start
+        alive = (positions >= 0) & ((offset < 0) | wanted[offset.clamp(0, tail - 1)])
+        identity = store.identity and not any(self.freed)
+        store.keep(alive, [n - f - (tail - len(rows)) for n, f in zip(store.lengths, self.freed)])
+        self.freed = [0] * len(self.freed)
+        renumber = torch.full((tail,), -1, dtype=torch.long, device=positions.device)
+        renumber[rows] = torch.arange(start, start + len(rows), device=positions.device)
+        positions = store.all_positions()
+        moved = positions >= start
+        positions[moved] = renumber[positions[moved] - start]
+        store.identity = identity  # the kept path now sits at the next positions, in order
+        self.next_position = start + len(rows)
+
+    def commit(self, position: int, policy, rows: list[int] | None = None) -> None:
         tail, self.tail = self.tail, None
         accepted = [row for row in tail.rows if row.position < position] if tail is not None else []
+        if rows is not None and tail is not None:
+            self.keep_tail_rows(tail.start, rows)
         self.crop_to(position)
         if tail is not None:
             self.restore(accepted[-1].snapshot if accepted else tail.before)
@@ -376,13 +402,24 @@ class KVCache(Cache):
             raise WorkbenchError(f"layer {layer.index} got {count} tokens in a pass of {self.current.count}")
         return self.current.start
 
-    def commit(self, position: int) -> None:
-        """Keep the provisional tokens before `position`, drop the rest (see the module docstring)."""
+    def commit(self, position: int, rows: list[int] | None = None) -> None:
+        """Keep the provisional tokens before `position`, drop the rest (see the module docstring). `rows`: keep
+        these tail tokens instead (offsets into the tail, ascending, the first one 0, position - committed of
+        them), renumbered to consecutive positions: a tree verify pass keeps one path."""
         if not self.committed <= position <= self.position:
             raise WorkbenchError(f"commit({position}) is outside the open tail [{self.committed}, {self.position}]")
+        if rows is not None:
+            tail = self.position - self.committed
+            if (len(rows) != position - self.committed or (rows and rows[0] != 0) or sorted(set(rows)) != rows
+                    or (rows and rows[-1] >= tail)):
+                raise WorkbenchError(f"commit rows must be {position - self.committed} ascending offsets into the "
+                                     f"{tail} provisional tokens, starting at 0; got {rows}")
+            if self.policy.acts_while_decoding:
+                raise WorkbenchError(f"cache '{self.policy.name}' acts on provisional rows one by one: it can keep "
+                                     "only a prefix of them (commit without rows)")
         with torch.inference_mode():  # the stores hold inference tensors (a session's forward filled them)
             for layer in self.layers:
-                layer.commit(position, self.policy)
+                layer.commit(position, self.policy, rows)
         self.committed = position
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -441,6 +478,19 @@ class KVCache(Cache):
         if restrict is not None:
             visible &= restrict
         return visible[None]
+
+    def tree_mask(self, call, mask: torch.Tensor | None, forward: ForwardPass) -> torch.Tensor:
+        """`mask` (what attention_mask gave; None: causal) narrowed for a tree verify pass: among the pass's own
+        slots a query sees only its ancestors and itself (forward.tree)."""
+        positions = self.layers[call.layer].store.all_positions()  # (kv_heads, slots)
+        offset = positions - forward.start  # the pass's row in each slot; negative before the pass
+        in_pass = offset >= 0
+        sees = forward.tree[:, offset.clamp(0, forward.count - 1)].transpose(0, 1)  # (kv_heads, q, slots)
+        allowed = ~in_pass[:, None, :] | sees
+        if mask is None:
+            queries = call.positions()
+            mask = ((positions >= 0)[:, None, :] & (positions[:, None, :] <= queries[None, :, None]))[None]
+        return mask & allowed[None]
 
     def attended(self, call) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values the call's queries read (the policy may move keys, see CachePolicy.attended)."""

@@ -6,10 +6,17 @@ Medusa puts K small heads on the base model. At the last fed position t, with h_
 
     head_i(h) = LMHead(h + SiLU(W_i h + b_i))                 (one residual block per head: Medusa's ResBlock)
 
-Here the pending token is the base model's t+1 (chosen from the last pass's logits), so the draft is the chain of
-each head's top-1 at h_t; the pending token and the draft go through one verify pass (the step every drafter
-shares, workbench.decode.speculative). h_t costs no extra pass: the decoder asks that pass, and the plain decode
-passes, for their hidden states and keeps, in the run's state, the one at the last position the cache committed.
+Here the pending token is the base model's t+1 (chosen from the last pass's logits): the root of the candidates.
+Tree verification (the default, `tree="default"`, or a list in Medusa's `medusa_choices` format; see
+workbench.decode.tree): node (a, b) is head 1's a-th candidate followed by head 2's b-th; the root and every node
+go through ONE verify pass in which each token sits at the root's position plus its depth and attends only to its
+ancestors (a tree attention mask); the path that keeps the most nodes is committed (the cache keeps that path's
+keys and values and drops the other branches) and the hidden state at its last node drafts the next tree.
+`tree="chain"`: the draft is each head's top-1, verified as one sequence (the step every drafter shares,
+workbench.decode.speculative). A session that cannot verify a tree (a sparse attention variant, or a cache policy
+that acts on provisional rows one at a time, e.g. h2o) verifies the chain instead. h_t costs no extra pass: the
+decoder asks the verify and plain decode passes for their hidden states and keeps the one at the last committed
+position.
 
 Acceptance. `greedy=True` (Medusa's temperature 0): a draft token is kept while it is the target's argmax, so the
 tokens equal plain greedy decoding's (lossless). `greedy=False`: Medusa's typical acceptance (lossy), at
@@ -17,8 +24,10 @@ tokens equal plain greedy decoding's (lossless). `greedy=False`: Medusa's typica
 
     p(x) > min(epsilon, alpha * exp(-H(p)))                  (paper: epsilon = 0.09, alpha = sqrt(epsilon) = 0.3)
 
-and the token after the kept prefix is drawn from p with the tokens under that threshold removed (the reference's
-`get_typical_one_token`); plain steps draw from the same truncated p.
+with p the distribution at its parent; among the paths that keep the most nodes the one with the highest summed
+log p wins (the reference's evaluate_posterior). The token after the kept path is drawn from p with the tokens
+under that threshold removed (the reference's `get_typical_one_token`); plain steps draw from the same truncated
+p.
 
 Heads. `MedusaHeads` holds only the residual blocks; every head ends in the base model's own LM head (SmolLM2 ties
 it to the embeddings), so the shipped file is a few MB. `load_heads(model)` finds the heads trained for the model
@@ -32,6 +41,7 @@ import copy
 import functools
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,8 @@ from typing import Any
 import torch
 
 from workbench.decode.sample import Sample
-from workbench.decode.speculative import Drafting
+from workbench.decode.speculative import Drafting, elapsed, record_verify
+from workbench.decode.tree import DEFAULT_CHOICES, CandidateTree, best_path
 from workbench.errors import ParameterError
 from workbench.registry import param
 
@@ -112,12 +123,13 @@ def _read_cached(path: str) -> MedusaHeads:
 @dataclass
 class Medusa(Drafting):
     name = "medusa"
-    summary = "Medusa: K heads on the last hidden state draft the next tokens, one verify pass checks the chain."
+    summary = ("Medusa: K heads on the last hidden state propose a tree of candidates, one verify pass with a tree "
+               "attention mask checks them all.")
     paper = ("Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding Heads (Cai, Li, Geng, "
              "Peng, Lee, Chen, Dao; ICML 2024)")
-    departs = ("the candidates are one chain (each head's top-1) checked in one linear verify pass: no tree "
-               "attention over the heads' top-k (the session's cache commits a prefix of the provisional tokens); "
-               "every head reuses the base model's LM head (Medusa trains one LM head per head); the shipped heads "
+    departs = ("the default tree is a 15-node sparse tree sized for a CPU (the paper's are calibrated per model, "
+               "up to 63 nodes on a GPU); a session whose attention is sparse or whose cache acts on provisional "
+               "rows verifies the chain of top-1s instead; every head reuses the base model's LM head (Medusa trains one LM head per head); the shipped heads "
                "are trained briefly on CPU by self-distillation on a few dozen of the model's own greedy replies "
                "(bench/train_medusa.py), hard labels, base model frozen (Medusa-1), not on ShareGPT; typical mode "
                "draws the token after the kept prefix from the thresholded p (the reference's get_typical_one_token) and "
@@ -134,6 +146,9 @@ class Medusa(Drafting):
                               "sqrt(epsilon) = 0.3)", min=0.0, max=1.0)
     heads: Any = param(None, "the Medusa heads: None (those shipped for the model), a .pt path written by "
                              "bench/train_medusa.py, or a MedusaHeads object")
+    tree: Any = param("default", "candidates per verify pass: 'default' (a 15-node sparse tree), 'chain' (each "
+                                 "head's top-1, a linear pass), or a list of tuples in Medusa's medusa_choices "
+                                 "format, e.g. [(0,), (1,), (0, 0)]; nodes deeper than k are left out")
 
     def validate(self) -> None:
         super().validate()
@@ -142,6 +157,11 @@ class Medusa(Drafting):
                                  "(the heads shipped for the model), a .pt path or a MedusaHeads object")
         if isinstance(self.heads, MedusaHeads):
             self._check_k(self.heads, "the given heads")
+        if isinstance(self.tree, str) and self.tree not in ("default", "chain"):
+            raise ParameterError(f"decoder 'medusa' parameter 'tree' is {self.tree!r}; give 'default', 'chain' or a "
+                                 "list of tuples like [(0,), (1,), (0, 0)]")
+        if not isinstance(self.tree, str):
+            CandidateTree.of(self.tree)  # a bad tree is refused here, with the node at fault
 
     def _check_k(self, heads: MedusaHeads, what: str) -> None:
         if self.k > heads.num_heads:
@@ -188,6 +208,63 @@ class Medusa(Drafting):
         ctx.state["medusa_verify_hidden"] = hidden[-1]
         return rows
 
+    # -- tree verification --------------------------------------------------------------------------------------
+    def candidate_tree(self, depth: int) -> CandidateTree | None:
+        """The tree to verify with at most `depth` levels (None: verify the chain)."""
+        if self.tree == "chain":
+            return None
+        choices = DEFAULT_CHOICES if isinstance(self.tree, str) else self.tree
+        return _tree(tuple(tuple(c) for c in choices), min(depth, self.k))
+
+    def speculate(self, ctx, pending: list[int]) -> list[int]:
+        hidden = ctx.state.get("medusa_hidden")
+        tree = self.candidate_tree(self.length(ctx))
+        if tree is None or hidden is None or not ctx.session.takes_tree:
+            return super().speculate(ctx, pending)
+        device = ctx.session.model.device
+        started = time.perf_counter()
+        heads = self.run_heads(ctx)
+        with torch.inference_mode():
+            logits = heads(hidden, ctx.session.model.hf.get_output_embeddings(), tree.depth)  # (depth, vocab)
+        top = logits.topk(tree.widest(), dim=-1).indices.tolist()
+        tokens = [top[head][rank] for head, rank in tree.ranks()]
+        drafting = elapsed(started, device)
+        started = time.perf_counter()
+        rows, states = ctx.session.feed(pending + tokens, "verify", hidden=True, tree=tree)
+        verifying = elapsed(started, device)
+        ctx.chose_from(rows[0])
+        path, target = self.judge(tree, rows, tokens)
+        last = path[-1] if path else 0
+        after = int(rows[last].argmax()) if self.greedy else int(torch.multinomial(target[last], 1,
+                                                                                   generator=ctx.rng))
+        started = time.perf_counter()
+        ctx.session.commit(1 + len(path), rows=[0] + path)
+        ctx.state["medusa_hidden"] = states[-1][last]
+        committing = elapsed(started, device)
+        self._schedule(ctx, tree.depth, len(path), drafting, verifying)
+        out = [tokens[row - 1] for row in path] + [after]
+        if ctx.recording("verify_drafted"):
+            target = self.probabilities(rows) if target is None else target
+            record_verify(ctx, out, tree.depth, len(path), target[[0] + path], None, drafting, committing,
+                          candidates=tree.size)
+        return out
+
+    def judge(self, tree: CandidateTree, rows: torch.Tensor, tokens: list[int]):
+        """(the kept path's rows, the target's probabilities or None): each node is tested against the
+        distribution at its parent's row, greedy (the argmax) or typical (above the threshold)."""
+        parents = torch.tensor(tree.parents, device=rows.device)
+        candidates = torch.tensor(tokens, device=rows.device)
+        accepted = torch.zeros(tree.size + 1, dtype=torch.bool, device=rows.device)
+        if self.greedy:
+            accepted[1:] = rows.argmax(-1)[parents] == candidates
+            return best_path(tree, accepted), None
+        probs = torch.softmax(Sample.truncate(self, rows.float() / self.temperature), dim=-1)
+        p = probs[parents, candidates]
+        accepted[1:] = p > self.threshold(probs)[parents]
+        score = torch.zeros(tree.size + 1, device=rows.device)
+        score[1:] = torch.log(p.clamp_min(1e-30))
+        return best_path(tree, accepted, score), self.probabilities(rows)
+
     def accepted(self, ctx, kept: int) -> None:
         # the pending token and `kept` draft tokens were committed: the last of them chose the next pending token
         ctx.state["medusa_hidden"] = ctx.state.pop("medusa_verify_hidden")[kept]
@@ -223,3 +300,8 @@ class Medusa(Drafting):
         plausible = probs[torch.arange(len(tokens)), tokens] > self.threshold(probs[:len(tokens)])
         kept = int(plausible.long().cumprod(0).sum())
         return kept, int(torch.multinomial(target[kept], 1, generator=ctx.rng))  # target: truncated p
+
+
+@functools.lru_cache(maxsize=16)
+def _tree(choices: tuple[tuple[int, ...], ...], depth: int) -> CandidateTree:
+    return CandidateTree.of([c for c in choices if len(c) <= depth], depth)

@@ -80,11 +80,16 @@ class Drafting(Sample):
                                "sampling, lossless for `sample` with the same temperature and filters")
 
     def length(self, ctx) -> int:
+        """Draft tokens to propose now: the schedule's length, capped so that the pass emits no token beyond
+        max_new_tokens (the kept draft plus the target's token)."""
+        return self.planned(ctx) if ctx.remaining is None else max(0, min(self.planned(ctx), ctx.remaining - 1))
+
+    def planned(self, ctx) -> int:
         return ctx.state.get("draft_length", self.k)
 
     def _schedule(self, ctx, drafted: int, kept: int, drafting: float, verifying: float) -> None:
         if self.schedule == "heuristic":
-            ctx.state["draft_length"] = self.length(ctx) + 2 if kept == drafted else max(1, self.length(ctx) - 1)
+            ctx.state["draft_length"] = self.planned(ctx) + 2 if kept == drafted else max(1, self.planned(ctx) - 1)
         elif self.schedule == "goodput":
             costs = ctx.state.setdefault("costs", PassCosts())
             costs.add(drafted, kept, drafting, verifying)
@@ -113,22 +118,31 @@ class Drafting(Sample):
             ctx.state["timed_plain"] = bool(pending)  # the second step is plain: this run's greedy step time
             ctx.pending = pending
             return self.plain_step(ctx)
+        if self.length(ctx) == 0:  # the last token of the run: nothing to verify
+            ctx.pending = pending
+            return self.plain_step(ctx)
+        return self.speculate(ctx, pending)
+
+    def speculate(self, ctx, pending: list[int]) -> list[int]:
+        """Draft, verify the pending token and the draft in one pass, commit what is kept (a hook: medusa
+        verifies a tree)."""
+        device = ctx.session.model.device
         started = time.perf_counter()
         tokens, draft_probs = self.draft(ctx, pending)
-        drafting = time.perf_counter() - started
+        drafting = elapsed(started, device)
         if not tokens:  # nothing to propose: a plain decoding step
             ctx.pending = pending
             return self.plain_step(ctx)
         started = time.perf_counter()
         rows = self.verify(ctx, pending + tokens)
-        verifying = time.perf_counter() - started
+        verifying = elapsed(started, device)
         ctx.chose_from(rows[0])
         target = self.probabilities(rows) if not self.greedy or ctx.recording("target_prob") else None
         kept, after = self.keep(ctx, rows, target, tokens, draft_probs)
         started = time.perf_counter()
         ctx.session.commit(1 + kept)  # the pending token and the kept draft
         self.accepted(ctx, kept)
-        committing = time.perf_counter() - started
+        committing = elapsed(started, device)
         self._schedule(ctx, len(tokens), kept, drafting, verifying)
         out = tokens[:kept] + [after]
         if target is not None:
@@ -149,24 +163,35 @@ class Drafting(Sample):
         return super().choose(logits, generator)
 
 
+def elapsed(started: float, device) -> float:
+    """Seconds since `started` (time.perf_counter()), once the device has finished the work queued so far (CUDA
+    runs kernels asynchronously: without the sync the time would be the launch time)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 class PassCosts:
     """What the goodput rule measures over a run's verify passes: the acceptance rate, seconds per draft token,
     and verify seconds as a line a + b * (tokens fed) fitted by least squares."""
 
     def __init__(self):
-        self.drafted = self.kept = 0
+        self.drafted = self.kept = self.tried = 0
         self.drafting = 0.0
         self.verifies: list[tuple[int, float]] = []  # (tokens fed, seconds)
 
     def add(self, drafted: int, kept: int, drafting: float, verifying: float) -> None:
         self.drafted += drafted
         self.kept += kept
+        self.tried += min(kept + 1, drafted)  # the positions checked: the kept ones and the first rejected one
         self.drafting += drafting
         self.verifies.append((drafted + 1, verifying))
 
     @property
     def acceptance(self) -> float:
-        return self.kept / self.drafted if self.drafted else 0.0
+        """The per-token acceptance rate a of the i.i.d. model: kept / tried (its maximum-likelihood estimate;
+        kept / drafted would count the positions after a rejection, never tried, as rejections)."""
+        return self.kept / self.tried if self.tried else 0.0
 
     @property
     def draft_seconds(self) -> float:
@@ -190,34 +215,44 @@ def goodput_length(acceptance: float, draft_seconds: float, verify_line: tuple[f
         goodput(k) = E[tokens per pass] / (k * draft_seconds + verify(k + 1)),   E[tokens] = (1 - a^(k+1)) / (1 - a)
 
     with a the acceptance rate (tokens accepted independently with probability a, the paper's model) and
-    verify(n) = intercept + slope * n the measured verify time of n tokens. SmartSpec chooses k per batch
-    from the same estimates; a batch of one makes it per pass."""
-    intercept, slope = verify_line
+    verify(n) = intercept + slope * n the measured verify time of n tokens (a negative fitted intercept, from
+    noisy times, counts as 0). SmartSpec chooses k per batch from the same estimates; a batch of one makes it per
+    pass. Departure: SmartSpec may choose k = 0 (no speculation); here k >= 1, since a run that stopped drafting
+    would never measure its acceptance again."""
+    intercept, slope = max(verify_line[0], 0.0), max(verify_line[1], 0.0)
     a = min(max(acceptance, 0.0), 1.0 - 1e-6)
 
     def goodput(k: int) -> float:
-        seconds = k * draft_seconds + intercept + slope * (k + 1)
-        return (1 - a ** (k + 1)) / (1 - a) / seconds if seconds > 0 else float("inf")
+        seconds = max(k * draft_seconds + intercept + slope * (k + 1), 1e-12)  # all 0 only before any measurement
+        return (1 - a ** (k + 1)) / (1 - a) / seconds
 
     return max(range(1, longest + 1), key=goodput)
 
 
 def record_verify(ctx, out: list[int], drafted: int, kept: int, target: torch.Tensor,
-                  draft_probs: torch.Tensor | None, drafting: float, committing: float) -> None:
+                  draft_probs: torch.Tensor | None, drafting: float, committing: float,
+                  candidates: int | None = None) -> None:
     """The verify pass's telemetry (workbench.decode.telemetry): its counts and seconds, and per emitted token its
-    origin, p(x), q(x) and min(1, p/q). `target` (drafted + 1, vocab) are the target's probabilities, `draft_probs`
-    (drafted, vocab) the draft's (None: a deterministic draft, q = 1)."""
+    origin, p(x), q(x) and min(1, p/q). `target` (drafted + 1, vocab) are the target's probabilities where each
+    emitted token was chosen, `draft_probs` (drafted, vocab) the draft's (None: a deterministic draft, q = 1).
+    A tree pass: `drafted` is its depth (the most it can keep) and `candidates` its node count."""
     ctx.record("verify_drafted", drafted)
+    ctx.record("verify_candidates", drafted if candidates is None else candidates)
     ctx.record("verify_accepted", kept)
     ctx.record("verify_bonus", int(kept == drafted))
     ctx.record("draft_seconds", drafting)
     ctx.record("commit_seconds", committing)
     for i, token in enumerate(out):
         p = float(target[i, token])
-        q = 1.0 if draft_probs is None else float(draft_probs[i, token]) if i < drafted else float("nan")
+        if i >= drafted:  # the bonus token: not drafted
+            q = float("nan")
+        elif draft_probs is None:  # a point mass on the draft token, which a resampled token never is
+            q = 1.0 if i < kept else 0.0
+        else:
+            q = float(draft_probs[i, token])
         ctx.record("token_origin", "accepted" if i < kept else "bonus" if kept == drafted else "resampled")
         ctx.record("target_prob", p)
-        ctx.record("draft_prob", q if i < drafted else float("nan"))
+        ctx.record("draft_prob", q)
         ctx.record("accept_prob", min(1.0, p / q) if i < kept and q > 0 else float("nan"))
 
 

@@ -23,8 +23,10 @@ schema.option("decoding", "speculative and adaptive decoding: per verify pass th
                           "draft and target probabilities and min(1, p/q); adaptive decoders' decision per step")
 
 SOURCE = "the decoder's step (workbench.decode)"
-schema.declare("verify_drafted", ("forward",), "tokens", "draft tokens this verify pass checked (-1: not a verify "
-               "pass)", "decoding", SOURCE, "int64")
+schema.declare("verify_drafted", ("forward",), "tokens", "draft tokens this verify pass checked, the most it "
+               "could keep (a candidate tree: its depth; -1: not a verify pass)", "decoding", SOURCE, "int64")
+schema.declare("verify_candidates", ("forward",), "tokens", "candidate tokens this verify pass checked: the "
+               "draft's length, or a candidate tree's node count (medusa)", "decoding", SOURCE, "int64")
 schema.declare("verify_accepted", ("forward",), "tokens", "draft tokens the target kept in this verify pass",
                "decoding", SOURCE, "int64")
 schema.declare("verify_bonus", ("forward",), "tokens", "1 when the whole draft was kept and the token after it "
@@ -37,11 +39,13 @@ schema.declare("token_origin", ("step",), "", "where the token came from: 'accep
                "kept), 'resampled' (the target's choice at the first rejected draft position), 'bonus' (the target's "
                "token after a fully kept draft) or 'plain' (no draft)", "decoding", SOURCE, "str")
 schema.declare("draft_prob", ("step",), "probability", "q(x): the draft distribution's probability of the token "
-               "(1 for a deterministic draft; NaN: not drafted)", "decoding", SOURCE)
+               "(a deterministic draft: 1 for the tokens kept, 0 for the resampled one; NaN: not drafted)", "decoding", SOURCE)
 schema.declare("target_prob", ("step",), "probability", "p(x): the target distribution's probability of the token "
                "(the decoder's distribution over the target's logits)", "decoding", SOURCE)
-schema.declare("accept_prob", ("step",), "probability", "min(1, p(x)/q(x)) for an accepted draft token, the "
-               "chance it had of being kept (NaN: not an accepted draft)", "decoding", SOURCE)
+schema.declare("accept_prob", ("step",), "probability", "min(1, p(x)/q(x)) for an accepted draft token: the "
+               "chance rejection sampling keeps it. Decoders that accept by another rule (greedy mode: argmax "
+               "equality; medusa's typical acceptance; BiLD's rollback threshold) record the same ratio for "
+               "comparison, not their rule's chance (NaN: not an accepted draft)", "decoding", SOURCE)
 schema.declare("decode_decision", ("step",), "", "an adaptive decoder's decision at this step (AdaDec: greedy or "
                "lookahead; entropix: its regime; BiLD: little or big)", "decoding", SOURCE, "str")
 schema.declare("varentropy", ("step",), "nats^2", "variance of the surprisal -log p under the next-token "
@@ -69,7 +73,9 @@ def acceptance(trace) -> dict[str, Any] | None:
     goodput_tokens_per_s  tokens emitted by the verify steps per second of those steps (SmartSpec's goodput:
                           accepted drafts plus the target's token, per second of draft + verify + commit)
     speedup_vs_greedy     the greedy time those tokens would take, estimated from this run's plain decode passes
-                          (median), over the time they took (NaN: the run had no plain decode pass)"""
+                          (median), over the time they took (NaN: the run had no plain decode pass). Drafters
+                          run one plain decode step before drafting, so a run with drafts on every later step
+                          has one plain pass and the estimate rests on that one measurement"""
     if "sequence" in trace.dims:
         trace = trace.isel(sequence=0)
     if "verify_drafted" not in trace:

@@ -68,7 +68,8 @@ class Binding:
         call = AttentionCall(layer, query, key, value, hf_mask, scaling if scaling is not None else
                              query.shape[-1] ** -0.5, module, kwargs, phase=forward.phase, start=forward.start)
         observer, cache = self.observer, self.cache
-        if observer is None and (cache is None or not cache.policy.needs_bridge):  # nothing to observe or decide
+        tree = forward.tree is not None  # a tree verify pass: its rows see their ancestors only
+        if observer is None and not tree and (cache is None or not cache.policy.needs_bridge):  # nothing to do
             return self.variant.attend(call, frozenset()).output
         want = observer.wants(layer) if observer is not None else frozenset()
         fidelity, want = FIDELITY in want, want - {FIDELITY}
@@ -86,7 +87,8 @@ class Binding:
         results, fidelities = [], []
         for row in rows:  # row.mask is transformers' mask (of that row): the cache narrows it to its slots
             if cache is not None:
-                row.mask = _per_query_head(cache.attention_mask(row, row.mask), row.groups)
+                mask = cache.attention_mask(row, row.mask)
+                row.mask = _per_query_head(cache.tree_mask(row, mask, forward) if tree else mask, row.groups)
                 row.key, row.value = cache.attended(row)
             result = self.variant.attend(row, want)
             if fidelity:  # a dense recomputation of the same call: what the variant changed

@@ -118,25 +118,35 @@ class Session:
         committed position or one inside the provisional tail)."""
         self.cache.rollback(mark)
 
-    def commit(self, n: int) -> None:
+    def commit(self, n: int, rows: list[int] | None = None) -> None:
         """After verify/rollout passes: keep the first `n` provisional tokens, drop the rest; the policy observes
-        only the kept rows and evicts once."""
+        only the kept rows and evicts once. `rows`: keep these n provisional tokens instead (ascending offsets
+        into the tail, 0 first): after a tree verify pass, the accepted path, renumbered to the next positions."""
         tail = self.position - self.committed
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= tail:
             raise WorkbenchError(f"commit takes how many of the {tail} provisional tokens to keep (0..{tail}); "
                                  f"got {n!r}")
-        self.cache.commit(self.committed + n)
+        self.cache.commit(self.committed + n, rows)
         self.note_bytes()
 
+    @property
+    def takes_tree(self) -> bool:
+        """Whether this session can run a tree verify pass: an attention variant that honours any mask and a cache
+        policy that does not act on provisional rows (it would need them one at a time, in sequence)."""
+        return self.attention.any_mask and not self.policy.acts_while_decoding
+
     # -- the forward pass -------------------------------------------------------------------------------------
-    def feed(self, ids, phase: str, logits: str | None = None, hidden: bool = False):
+    def feed(self, ids, phase: str, logits: str | None = None, hidden: bool = False, tree=None):
         """Run the tokens `ids` (a list, or a tensor (n,) / (1, n)) as one `phase` pass on top of the cache.
 
         logits -- "last": float32 (1, vocab) for the last token (the default for prefill, decode and append);
                   "all": (n, vocab) (the default for verify and rollout); "none": nothing (None).
         hidden -- also return the model's hidden states: (logits, hidden), hidden a tuple of (n, hidden_size)
                   tensors in the model's dtype, transformers' `hidden_states` (the embeddings' output, then each
-                  layer's; the last one after the final norm), for decoders that read them (contrastive, dola)."""
+                  layer's; the last one after the final norm), for decoders that read them (contrastive, dola).
+        tree   -- a verify pass of a candidate tree (workbench.decode.tree.CandidateTree): ids are its root then
+                  its nodes; each token gets the position root + its depth and attends to its ancestors only.
+                  Commit one path with commit(n, rows=...). Needs `takes_tree`."""
         if logits is None:
             logits = "all" if phase in ("verify", "rollout") else "last"
         if logits not in LOGITS:
@@ -150,12 +160,16 @@ class Session:
         if n == 0:
             raise WorkbenchError(f"a {phase} pass needs at least one token")
         forward = ForwardPass(phase, self.position, n, ids[0])
+        positions = torch.arange(forward.start, forward.end, device=device)
+        if tree is not None:
+            self._check_tree(tree, phase, n)
+            forward.tree = tree.ancestors(device)
+            positions = forward.start + torch.tensor(tree.depths, device=device)
         started = time.perf_counter()
         self.cache.begin_pass(forward)
         try:
             with torch.inference_mode(), bridge.routed(self.model.hf), self.router.attached(self.model):
-                out = self.model.hf(input_ids=ids, position_ids=torch.arange(forward.start, forward.end,
-                                                                             device=device)[None],
+                out = self.model.hf(input_ids=ids, position_ids=positions[None],
                                     use_cache=True, **{self._cache_keyword: self.cache},
                                     **(self._keep_last if logits != "all" else {}),
                                     **({"output_hidden_states": True} if hidden else {}),
@@ -169,3 +183,14 @@ class Session:
         for listener in self.listeners:
             listener(forward, seconds)
         return (result, tuple(h[0] for h in out.hidden_states)) if hidden else result
+
+    def _check_tree(self, tree, phase: str, n: int) -> None:
+        if phase != "verify":
+            raise WorkbenchError(f"a candidate tree is fed as a verify pass, not {phase!r}")
+        if n != tree.size + 1:
+            raise WorkbenchError(f"a tree of {tree.size} nodes is fed as {tree.size + 1} tokens (its root first); "
+                                 f"got {n}")
+        if not self.takes_tree:
+            raise WorkbenchError(f"attention '{self.attention.name}' with cache '{self.policy.name}' cannot verify a "
+                                 "tree: it needs a dense attention variant (sdpa, eager, flash) and a cache policy "
+                                 "that does not act while decoding")
