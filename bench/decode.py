@@ -8,10 +8,12 @@ peers run `model.hf.generate` in the same process:
   speculative      hf assisted (assistant_model= the same model): no smaller model with SmolLM2's tokenizer is on
                    this machine, so the target drafts for itself and keeps everything: the verify machinery's cost
   layer_skip       exits after layer E as its draft (exit_layer=E); peer hf early exit (assistant_early_exit=E)
-  cache_draft      the model over a 64-token StreamingLLM cache drafts for itself (TriForce's idea); no HF peer
+  cache_draft      the model over a 64-token StreamingLLM cache drafts for itself (TriForce's idea); no HF peer;
+                   its tiny level is not run: no smaller model with SmolLM2's tokenizer is on this machine
   beam             hf beam (num_beams=4)
   sampling family  typical, epsilon, eta against hf typical_p / epsilon_cutoff / eta_cutoff (speed only: the
                    random streams differ, so outputs are not compared)
+  medusa           the shipped heads, tree verification (and "medusa chain": the chain of top-1s); no HF peer
   the rest         contrastive, dola, adadec, entropix (no HF peer in core transformers: remote code today)
 Lossless decoders' outputs are checked equal to greedy's (beam: to HF's beam). Each configuration runs once as a
 warm-up (recording "decoding" for the acceptance figures), then the configurations are interleaved for --repeats
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=10, help="prompt lookup: draft tokens per pass (default 10)")
     parser.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (default 3)")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    parser.add_argument("--only", default=None, help="comma-separated configurations to run (with greedy and "
+                                                      "their peers), e.g. 'prompt_lookup,medusa'")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -70,6 +74,8 @@ def main(argv=None) -> int:
         messages = [{"role": "user", "content": text}]
         ids = model.encode(messages)
         configs = configurations(model, messages, ids, n, args)
+        if args.only:
+            configs = selected(configs, args.only.split(","))
         tokens, forwards, accepted = {}, {}, {}
         for name, config in configs.items():  # warm-up, parity and acceptance
             _, tokens[name], forwards[name], accepted[name] = config.run(record=True)
@@ -161,7 +167,18 @@ def configurations(model, messages, ids, n: int, args) -> dict[str, Config]:
     }
     for name in ("contrastive", "dola", "adadec", "entropix", "medusa"):
         configs[name] = Config(ours(name), None, "greedy" if name == "medusa" else None)
+    configs["medusa chain"] = Config(ours(get("medusa", tree="chain")), None, "greedy")
     return {name: config for name, config in configs.items() if available(name)}
+
+
+def selected(configs: dict[str, Config], names: list[str]) -> dict[str, Config]:
+    """The named configurations, greedy (every ratio's base) and the peers and references they need."""
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise SystemExit(f"--only: no configuration {', '.join(unknown)}; there are {', '.join(configs)}")
+    keep = {"greedy", "hf greedy", *names}
+    keep |= {c for name in names for c in (configs[name].peer, configs[name].equals) if c}
+    return {name: config for name, config in configs.items() if name in keep}
 
 
 def available(name: str) -> bool:

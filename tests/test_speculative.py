@@ -47,11 +47,14 @@ def test_rejection_sampling_emits_the_target_distribution():
 
 
 @pytest.mark.slow
-def test_speculative_sampling_on_a_tiny_model_keeps_the_targets_next_token_distribution():
-    """One speculative step (a different tiny model drafts 2 tokens) after a fixed prompt and pending token, over
+@pytest.mark.parametrize("drafter", ["speculative", "triforce"])
+def test_speculative_sampling_on_a_tiny_model_keeps_the_targets_next_token_distribution(drafter):
+    """One speculative step (a different tiny model drafts 2 tokens; or TriForce's hierarchy: that model drafts
+    for the target over a 6-token StreamingLLM cache, which drafts 3) after a fixed prompt and pending token, over
     800 seeds: the first token it emits follows the target's own filtered distribution at that point."""
     target, draft = wb.tiny("llama"), wb.tiny("llama", seed=1)
-    decoder = wb.decode.get("speculative", draft_model=draft, k=2, greedy=False, top_k=4)
+    decoder = (wb.decode.get("speculative", draft_model=draft, k=2, greedy=False, top_k=4) if drafter == "speculative"
+               else wb.decode.get("cache_draft", draft_budget=6, tiny_model=draft, k=3, greedy=False, top_k=4))
     prompt = target.encode("speculate")[0].tolist()
     pending = [int(target.encode("!")[0, 0])]
     with wb.Session(target, "full") as session:
@@ -79,7 +82,9 @@ def test_greedy_speculative_decoders_equal_greedy_on_a_tiny_model(tiny_llama, ca
                 wb.decode.get("speculative", draft_model=wb.tiny("llama", seed=1), k=3, schedule="heuristic"),
                 wb.decode.get("prompt_lookup", schedule="constant", k=4),
                 wb.decode.get("prompt_lookup", schedule="goodput"),
-                wb.decode.get("cache_draft", draft_budget=32, schedule="goodput")]
+                wb.decode.get("cache_draft", draft_budget=32, schedule="goodput"),
+                wb.decode.get("cache_draft", draft_budget=32, tiny_model=wb.tiny("llama", seed=1), k=5),
+                wb.decode.get("cache_draft", draft_budget=32, tiny_model=tiny_llama, tiny_k=3)]
     for decoder in decoders:
         run = wb.generate(tiny_llama, prompt, cache=policy, decoder=decoder, max_new_tokens=40, ignore_eos=True)
         assert run.token_ids == greedy.token_ids, decoder.name
@@ -134,7 +139,9 @@ def test_the_ngram_index_finds_the_latest_earlier_occurrence():
 def test_bad_speculative_input_is_refused_in_one_line(tiny_llama):
     wider = wb.tiny("llama", vocab_size=384)
     for decoder, message in [(wb.decode.get("speculative", draft_model=wider), "another tokenizer or vocabulary"),
-                             (wb.decode.get("speculative"), "needs draft_model=")]:
+                             (wb.decode.get("speculative"), "needs draft_model="),
+                             (wb.decode.get("cache_draft", tiny_model=wider), "the tiny model tiny-llama has another"),
+                             (wb.decode.get("cache_draft", tiny_model=3), "'cache_draft' needs tiny_model=")]:
         with pytest.raises(wb.ParameterError, match=message) as caught:
             wb.generate(tiny_llama, "hi", decoder=decoder, max_new_tokens=4, ignore_eos=True)
         assert "\n" not in str(caught.value)

@@ -65,16 +65,11 @@ class BiLD(Greedy):
                                  "be > 0 (nats)")
 
     def little_session(self, ctx):
-        from workbench.models import Model
         from workbench.run.session import Session
 
         session = ctx.state.get("little_session")
         if session is None:  # checked here, not at construction, so that describe() and the panel can build it
-            if not isinstance(self.little_model, (Model, str)) or not self.little_model:
-                raise ParameterError(f"decoder 'bild' needs little_model=: a loaded workbench Model with the run's "
-                                     f"tokenizer (wb.load(...), wb.tiny(...)) or a name to load; got "
-                                     f"{self.little_model!r}")
-            little = loaded(self.little_model)
+            little = loaded(self.little_model, "bild", "little_model")
             check_same_vocabulary(ctx.session.model, little, "little model", "bild")
             session = ctx.state["little_session"] = Session(little, "full", "sdpa")
         return session

@@ -267,9 +267,7 @@ class ModelDrafting(Drafting):
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
         session = self.draft_session(ctx)
-        behind = ctx.tokens[session.position:]  # tokens the target has that the draft has not fed
-        phase = "prefill" if session.position == 0 else "decode" if len(behind) == 1 else "append"
-        logits = session.feed(behind, phase)[-1]
+        logits = catch_up(session, ctx.tokens)
         tokens, probs, length = [], [], self.length(ctx)
         for i in range(length):
             probs.append(self.probabilities(logits[None])[0])  # q: for rejection sampling, and the telemetry
@@ -285,6 +283,14 @@ class ModelDrafting(Drafting):
     def accepted(self, ctx, kept: int) -> None:
         session = ctx.state["draft_session"]
         session.commit(min(kept, session.position - session.committed))  # drafts it fed and the target kept
+
+
+def catch_up(session, tokens: list[int]) -> torch.Tensor:
+    """Feed a draft session the tokens of `tokens` (the target's sequence) it has not fed; (vocab,) logits for the
+    token after them."""
+    behind = tokens[session.position:]
+    phase = "prefill" if session.position == 0 else "decode" if len(behind) == 1 else "append"
+    return session.feed(behind, phase)[-1]
 
 
 @dataclass
@@ -310,14 +316,14 @@ class SpeculativeDecoding(ModelDrafting):
         return session
 
 
-def loaded(draft):
+def loaded(draft, decoder: str = "speculative", parameter: str = "draft_model"):
     """The draft model itself, or the one a name loads (once per name and process)."""
     from workbench.models import Model
 
     if isinstance(draft, Model):
         return draft
     if not isinstance(draft, str) or not draft:
-        raise ParameterError(f"decoder 'speculative' needs draft_model=: a loaded workbench Model with the target's "
+        raise ParameterError(f"decoder '{decoder}' needs {parameter}=: a loaded workbench Model with the target's "
                              f"tokenizer (wb.load(...), wb.tiny(...)) or a name to load; got {draft!r}")
     return _load(draft)
 
