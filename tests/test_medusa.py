@@ -131,6 +131,8 @@ def test_bad_input_is_refused(tiny_llama):
                     max_new_tokens=8)
     with pytest.raises(wb.ParameterError, match="parameter 'tree' is 'wide'; give 'default', 'chain'"):
         wb.decode.get("medusa", heads=random_heads(tiny_llama, 3), k=3, tree="wide")
+    typed = wb.decode.get("medusa", heads=random_heads(tiny_llama, 3), k=3, tree="[(0,), (1,), (0, 0)]")
+    assert typed.choices() == ((0,), (1,), (0, 0))  # a tree typed in the CLI or the panel
     with pytest.raises(wb.ParameterError, match=r"tree node \(1, 0\) has no parent"):
         wb.decode.get("medusa", heads=random_heads(tiny_llama, 3), k=3, tree=[(0,), (1, 0)])
     with pytest.raises(wb.ParameterError, match="hidden size"):

@@ -37,6 +37,7 @@ greedy replies).
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import math
@@ -157,11 +158,7 @@ class Medusa(Drafting):
                                  "(the heads shipped for the model), a .pt path or a MedusaHeads object")
         if isinstance(self.heads, MedusaHeads):
             self._check_k(self.heads, "the given heads")
-        if isinstance(self.tree, str) and self.tree not in ("default", "chain"):
-            raise ParameterError(f"decoder 'medusa' parameter 'tree' is {self.tree!r}; give 'default', 'chain' or a "
-                                 "list of tuples like [(0,), (1,), (0, 0)]")
-        if not isinstance(self.tree, str):
-            CandidateTree.of(self.tree)  # a bad tree is refused here, with the node at fault
+        self.choices()  # a bad tree is refused here, with the node at fault
 
     def _check_k(self, heads: MedusaHeads, what: str) -> None:
         if self.k > heads.num_heads:
@@ -209,12 +206,24 @@ class Medusa(Drafting):
         return rows
 
     # -- tree verification --------------------------------------------------------------------------------------
+    def choices(self) -> tuple[tuple[int, ...], ...] | None:
+        """The tree's nodes in Medusa's format (None: verify the chain); a string such as "[(0,), (1,), (0, 0)]"
+        (from the CLI or the panel) is read as that list."""
+        if self.tree in ("default", "chain"):
+            return DEFAULT_CHOICES if self.tree == "default" else None
+        tree = self.tree
+        if isinstance(tree, str):
+            try:
+                tree = ast.literal_eval(tree)
+            except (ValueError, SyntaxError):
+                raise ParameterError(f"decoder 'medusa' parameter 'tree' is {self.tree!r}; give 'default', 'chain' "
+                                     "or a list of tuples like [(0,), (1,), (0, 0)]") from None
+        return CandidateTree.of(tree).choices
+
     def candidate_tree(self, depth: int) -> CandidateTree | None:
         """The tree to verify with at most `depth` levels (None: verify the chain)."""
-        if self.tree == "chain":
-            return None
-        choices = DEFAULT_CHOICES if isinstance(self.tree, str) else self.tree
-        return _tree(tuple(tuple(c) for c in choices), min(depth, self.k))
+        choices = self.choices()
+        return None if choices is None else _tree(choices, min(depth, self.k))
 
     def speculate(self, ctx, pending: list[int]) -> list[int]:
         hidden = ctx.state.get("medusa_hidden")
