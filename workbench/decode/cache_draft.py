@@ -117,10 +117,6 @@ class CacheDraft(ModelDrafting):
                 tiny_logits = tiny.feed([after], "rollout", logits="last")[-1]
         return tokens[:length], torch.stack(probs[:length])
 
-    def pick(self, logits: torch.Tensor, probs: torch.Tensor, generator) -> int:
-        """A draft token: the argmax in greedy mode, else a draw from the draft's distribution."""
-        return int(logits.argmax()) if self.greedy else int(torch.multinomial(probs, 1, generator=generator))
-
     def accepted(self, ctx, kept: int) -> None:
         super().accepted(ctx, kept)
         tiny = ctx.state.get("tiny_session")

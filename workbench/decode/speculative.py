@@ -114,11 +114,10 @@ class Drafting(Sample):
 
     def step(self, ctx) -> list[int]:
         pending = ctx.take_pending()
-        if not pending or not ctx.state.get("timed_plain"):  # the first token comes from the prefill's logits;
-            ctx.state["timed_plain"] = bool(pending)  # the second step is plain: this run's greedy step time
-            ctx.pending = pending
-            return self.plain_step(ctx)
-        if self.length(ctx) == 0:  # the last token of the run: nothing to verify
+        # plain steps: the first token (from the prefill's logits), the second (this run's greedy step time) and
+        # the run's last token (nothing left to verify)
+        if not pending or not ctx.state.get("timed_plain") or self.length(ctx) == 0:
+            ctx.state["timed_plain"] = bool(pending)
             ctx.pending = pending
             return self.plain_step(ctx)
         return self.speculate(ctx, pending)
@@ -271,14 +270,14 @@ class ModelDrafting(Drafting):
         tokens, probs, length = [], [], self.length(ctx)
         for i in range(length):
             probs.append(self.probabilities(logits[None])[0])  # q: for rejection sampling, and the telemetry
-            if self.greedy:
-                token = int(logits.argmax())
-            else:
-                token = int(torch.multinomial(probs[-1], 1, generator=ctx.rng))
-            tokens.append(token)
+            tokens.append(self.pick(logits, probs[-1], ctx.rng))
             if i + 1 < length:
-                logits = session.feed([token], "rollout", logits="last")[-1]
+                logits = session.feed([tokens[-1]], "rollout", logits="last")[-1]
         return tokens, torch.stack(probs)
+
+    def pick(self, logits: torch.Tensor, probs: torch.Tensor, generator) -> int:
+        """A draft token: the argmax in greedy mode, else a draw from the draft's distribution `probs`."""
+        return int(logits.argmax()) if self.greedy else int(torch.multinomial(probs, 1, generator=generator))
 
     def accepted(self, ctx, kept: int) -> None:
         session = ctx.state["draft_session"]
