@@ -87,10 +87,19 @@ def test_the_goodput_rule_drafts_long_when_drafts_are_kept_and_cheap():
     """Known answers of SmartSpec's rule: nothing accepted -> the shortest draft; everything accepted and free
     drafting -> the longest; a draft token costing as much as a verify pass is worth it only above a = 1/2
     (k = 1: (1 + a) / 2 beats 1 / 1 exactly when a > 1/2)."""
-    assert goodput_length(0.0, 0.001, (0.01, 0.0), 8) == 1
-    assert goodput_length(0.99, 0.0, (0.01, 0.0005), 8) == 8
-    assert goodput_length(0.6, 0.01, (0.01, 0.0), 1) == 1
-    assert goodput_length(0.9, 0.0, (0.01, 0.01), 6) < 6  # verify time grows with the draft: stop short
+    def line(intercept, slope):
+        return lambda n: intercept + slope * n
+
+    assert goodput_length(0.0, 0.001, line(0.01, 0.0), 8) == 1
+    assert goodput_length(0.99, 0.0, line(0.01, 0.0005), 8) == 8
+    assert goodput_length(0.6, 0.01, line(0.01, 0.0), 1) == 1
+    assert goodput_length(0.9, 0.0, line(0.01, 0.01), 6) < 6  # verify time grows with the draft: stop short
+    # a measured step in the verify cost (4+ tokens at 1.5x, as on a 2-core CPU): at a = 0.5 a 2-token draft wins
+    # (E = 1.75 tokens for 1.0 vs 1.875 for 1.5 at k = 3); a linear fit through the same points would pick longer
+    def step(n):
+        return 1.0 if n <= 3 else 1.5
+
+    assert goodput_length(0.5, 0.0, step, 10) == 2
 
 
 @pytest.mark.parametrize("schedule", ["constant", "goodput"])
@@ -153,6 +162,10 @@ def test_pass_costs_estimate_the_per_token_acceptance_from_the_positions_tried()
     costs.add(4, 4, 0.1, 0.3)
     assert costs.acceptance == pytest.approx(5 / 6)
     assert costs.draft_seconds == pytest.approx(0.2 / 8)
+    assert costs.verify_seconds(5) == pytest.approx(0.25)  # one length seen: its mean, no slope
+    costs.add(1, 0, 0.0, 0.1)  # 2 tokens in 0.1 s, 5 in 0.25: the line 0.05 n
+    assert costs.verify_seconds(3) == pytest.approx(0.15)
+    assert PassCosts({3: 0.7}).verify_seconds(3) == 0.7  # a profiled length reads the profile
 
 
 @pytest.mark.embedded
@@ -165,3 +178,21 @@ def test_a_deterministic_draft_has_q_one_where_kept_and_zero_where_resampled(emb
     assert (origins == "accepted").any() and (origins == "resampled").any()
     assert (q[origins == "accepted"] == 1.0).all() and (q[origins == "resampled"] == 0.0).all()
     assert np.isnan(q[(origins == "bonus") | (origins == "plain")]).all()
+
+
+def test_goodput_profiles_verify_costs_on_a_fork_the_trace_never_sees(tiny_llama):
+    """The goodput rule's verify profile (lengths 1..k+1) runs on a fork of the session: the run's tokens are
+    greedy's and its trace holds only the run's own passes."""
+    from workbench.decode import speculative
+
+    speculative._PROFILES.clear()
+    greedy = wb.generate(tiny_llama, REPEAT, max_new_tokens=20, ignore_eos=True)
+    run = wb.generate(tiny_llama, REPEAT, decoder=wb.decode.get("prompt_lookup", k=4, schedule="goodput"),
+                      max_new_tokens=20, ignore_eos=True, record="decoding")
+    assert run.token_ids == greedy.token_ids
+    [profile] = speculative._PROFILES.values()
+    assert sorted(profile) == [1, 2, 3, 4, 5] and all(seconds > 0 for seconds in profile.values())
+    phases = run.trace.forward_phase.values[0]
+    drafted = run.trace.verify_drafted.values[0]
+    assert (phases == "verify").sum() == (drafted >= 0).sum() > 0
+    assert run.trace.sizes["forward"] == len(phases) == 1 + (phases != "prefill").sum()

@@ -86,7 +86,7 @@ def test_tiny_models_are_seeded_and_gqa(family):
     assert (a.num_heads, a.num_kv_heads) == (4, 2)
     assert all(torch.equal(x, y) for x, y in zip(a.hf.parameters(), b.hf.parameters()))
     assert not all(torch.equal(x, y) for x, y in zip(a.hf.parameters(), c.hf.parameters()))
-    assert bool(wb.routers.moe_gates(a.hf)) == (family in wb.models.MOE_FAMILIES)
+    assert bool(wb.routers.find_routers(a.hf)) == (family in wb.models.MOE_FAMILIES)
 
 
 def test_tiny_tokenizer_round_trips_bytes_and_chat(tiny_llama):

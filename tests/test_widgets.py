@@ -134,6 +134,24 @@ def test_live_acceptance_shows_each_verify_pass_of_a_speculative_run(tiny_llama)
     np.testing.assert_array_equal(live["tokens"].to_numpy(), accepted + 1)
 
 
+def test_live_experts_show_the_latest_tokens_routing_on_an_moe_model():
+    """An MoE model's panel records routing by default and its live experts plot holds the last step's experts;
+    a dense model's panel has no experts plot and does not record routing."""
+    model = wb.models.tiny("mixtral")
+    panel = Workbench(model, "experts", chat=False, max_new_tokens=6, router="top_k")
+    assert panel.record["routing"].value
+    panel.config_a.pickers["router"].controls["k"].value = 1
+    run_to_end(panel)
+    assert panel.error.value == ""
+    [run] = panel.runs
+    np.testing.assert_array_equal(panel.live.experts.data, run.trace.expert_ids.values[0, -1])
+    assert (panel.live.experts.data[:, 0] >= 0).all() and (panel.live.experts.data[:, 1:] == -1).all()  # top-1
+    image = panel.live._experts_image(panel.live.experts.data)
+    assert image.opts.get().kwargs["title"] == "experts of the latest token"
+    dense = Workbench(wb.models.tiny("llama"), "dense", chat=False)
+    assert not dense.record["routing"].value and dense.live.num_experts == 0
+
+
 def test_stop_ends_the_run_early_and_keeps_the_text(panel):
     panel.max_new_tokens.value = 200
     add = panel.live.add

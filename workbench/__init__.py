@@ -9,13 +9,13 @@
 from workbench import attention, cache, decode, routers, run, trace  # component registries, the run, traces
 from workbench.errors import ModelLoadError, ParameterError, PromptError, UnknownComponentError, WorkbenchError
 from workbench.families import FAMILIES
-from workbench.models import Model, load, tiny, wrap
+from workbench.models import Model, load, moefy, tiny, wrap
 from workbench.run import Run, Session, StepEvent, generate, use_attention
 from workbench.trace import RECORDABLE, load_trace
 from workbench.version import __version__
 
-__all__ = ["attention", "cache", "decode", "routers", "run", "trace", "FAMILIES", "Model", "load", "tiny", "wrap",
-           "generate", "Session", "use_attention", "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError",
+__all__ = ["attention", "cache", "decode", "routers", "run", "trace", "FAMILIES", "Model", "load", "moefy", "tiny",
+           "wrap", "generate", "Session", "use_attention", "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError",
            "UnknownComponentError", "ParameterError", "PromptError", "ModelLoadError", "__version__"]
 
 

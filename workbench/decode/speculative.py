@@ -91,9 +91,11 @@ class Drafting(Sample):
         if self.schedule == "heuristic":
             ctx.state["draft_length"] = self.planned(ctx) + 2 if kept == drafted else max(1, self.planned(ctx) - 1)
         elif self.schedule == "goodput":
-            costs = ctx.state.setdefault("costs", PassCosts())
+            costs = ctx.state.get("costs")
+            if costs is None:  # after the first verify pass: the cache holds the prompt, as later passes see it
+                costs = ctx.state["costs"] = PassCosts(verify_profile(ctx.session, self.k + 1, ctx.tokens[-1]))
             costs.add(drafted, kept, drafting, verifying)
-            ctx.state["draft_length"] = goodput_length(costs.acceptance, costs.draft_seconds, costs.verify_line,
+            ctx.state["draft_length"] = goodput_length(costs.acceptance, costs.draft_seconds, costs.verify_seconds,
                                                        self.k)
 
     def draft(self, ctx, pending: list[int]) -> tuple[list[int], torch.Tensor | None]:
@@ -172,9 +174,11 @@ def elapsed(started: float, device) -> float:
 
 class PassCosts:
     """What the goodput rule measures over a run's verify passes: the acceptance rate, seconds per draft token,
-    and verify seconds as a line a + b * (tokens fed) fitted by least squares."""
+    and the verify time of n tokens: from a profile (`verify_profile`, seconds by n) where one was taken, else a
+    line a + b * n fitted by least squares to the run's own verify passes."""
 
-    def __init__(self):
+    def __init__(self, profile: dict[int, float] | None = None):
+        self.profile = profile
         self.drafted = self.kept = self.tried = 0
         self.drafting = 0.0
         self.verifies: list[tuple[int, float]] = []  # (tokens fed, seconds)
@@ -196,8 +200,16 @@ class PassCosts:
     def draft_seconds(self) -> float:
         return self.drafting / self.drafted if self.drafted else 0.0
 
+    def verify_seconds(self, n: int) -> float:
+        if self.profile and n in self.profile:
+            return self.profile[n]
+        intercept, slope = self.verify_line
+        return max(intercept, 0.0) + slope * n  # a negative fitted intercept, from noisy times, counts as 0
+
     @property
     def verify_line(self) -> tuple[float, float]:
+        if not self.verifies:
+            return 0.0, 0.0
         tokens = torch.tensor([n for n, _ in self.verifies], dtype=torch.float64)
         seconds = torch.tensor([t for _, t in self.verifies], dtype=torch.float64)
         if len(set(tokens.tolist())) < 2:  # one length seen: no slope to fit yet, the time is all overhead
@@ -207,22 +219,48 @@ class PassCosts:
         return float(seconds.mean()) - slope * float(tokens.mean()), max(slope, 0.0)
 
 
-def goodput_length(acceptance: float, draft_seconds: float, verify_line: tuple[float, float], longest: int) -> int:
+_PROFILES: dict = {}  # (id of the hf model, device, attention, cache policy, longest) -> seconds by tokens fed
+
+
+def verify_profile(session, longest: int, token: int) -> dict[int, float]:
+    """Seconds of one verify pass of n tokens on this session, n = 1..longest (each fed on top of a fork of the
+    session, so the run's cache and trace never see them, and rolled back; the faster of two tries): SmartSpec's
+    profiled cost model, which it measures before serving. A forward's cost is not linear in its tokens on every
+    machine (on a 2-core CPU, 4 tokens cost 1.5x 3 tokens: the matrix kernels change shape), so the rule reads
+    the measured table. Taken once per model, device, attention variant, cache policy and length in a process
+    (2 * longest forward passes: about 1.5 s for k = 10 on the embedded model on CPU)."""
+    key = (id(session.model.hf), str(session.model.device), session.attention.name, session.policy.name, longest)
+    if key not in _PROFILES:
+        probe, device = session.fork(), session.model.device
+        mark = probe.mark()
+        profile = {}
+        for n in range(1, longest + 1):
+            tries = []
+            for _ in range(2):
+                started = time.perf_counter()
+                probe.feed([token] * n, "verify", logits="none")
+                tries.append(elapsed(started, device))
+                probe.rollback(mark)
+            profile[n] = min(tries)
+        _PROFILES[key] = profile
+    return _PROFILES[key]
+
+
+def goodput_length(acceptance: float, draft_seconds: float, verify_seconds, longest: int) -> int:
     """SmartSpec's rule (Liu et al., 2024, "Optimizing Speculative Decoding for Serving Large Language Models Using
     Goodput"), for one sequence: the draft length k in 1..longest maximising
 
-        goodput(k) = E[tokens per pass] / (k * draft_seconds + verify(k + 1)),   E[tokens] = (1 - a^(k+1)) / (1 - a)
+        goodput(k) = E[tokens per pass] / (k * draft_seconds + verify_seconds(k + 1)),
+        E[tokens] = (1 - a^(k+1)) / (1 - a)
 
     with a the acceptance rate (tokens accepted independently with probability a, the paper's model) and
-    verify(n) = intercept + slope * n the measured verify time of n tokens (a negative fitted intercept, from
-    noisy times, counts as 0). SmartSpec chooses k per batch from the same estimates; a batch of one makes it per
-    pass. Departure: SmartSpec may choose k = 0 (no speculation); here k >= 1, since a run that stopped drafting
-    would never measure its acceptance again."""
-    intercept, slope = max(verify_line[0], 0.0), max(verify_line[1], 0.0)
+    verify_seconds(n) the verify time of n tokens (`PassCosts.verify_seconds`). SmartSpec chooses k per batch
+    from the same estimates; a batch of one makes it per pass. Departure: SmartSpec may choose k = 0 (no
+    speculation); here k >= 1, since a run that stopped drafting would never measure its acceptance again."""
     a = min(max(acceptance, 0.0), 1.0 - 1e-6)
 
     def goodput(k: int) -> float:
-        seconds = max(k * draft_seconds + intercept + slope * (k + 1), 1e-12)  # all 0 only before any measurement
+        seconds = max(k * draft_seconds + verify_seconds(k + 1), 1e-12)  # all 0 only before any measurement
         return (1 - a ** (k + 1)) / (1 - a) / seconds
 
     return max(range(1, longest + 1), key=goodput)

@@ -12,10 +12,11 @@ from workbench.errors import ModelLoadError
 from workbench.models.devices import resolve_device, resolve_dtype
 from workbench.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, cache_root, ensure_converted
 from workbench.models.model import Model
+from workbench.models.moefy import moefy
 from workbench.models.tiny import FAMILIES as TINY_FAMILIES
 from workbench.models.tiny import MOE_FAMILIES, build_tiny, byte_tokenizer
 
-__all__ = ["Model", "load", "tiny", "wrap", "cache_root", "TINY_FAMILIES", "MOE_FAMILIES", "EMBEDDED_NAME"]
+__all__ = ["Model", "load", "moefy", "tiny", "wrap", "cache_root", "TINY_FAMILIES", "MOE_FAMILIES", "EMBEDDED_NAME"]
 
 
 def load(name: str | None = None, *, device: str | torch.device | None = None,

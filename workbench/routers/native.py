@@ -12,3 +12,4 @@ class Native(Router):
     name = "native"
     summary = "Use the model's own routing unchanged (MoE top-k gates; dense models have none)."
     paper = None
+    needs_moe = False  # a dense model runs with it too

@@ -69,9 +69,9 @@ class Binding:
                              query.shape[-1] ** -0.5, module, kwargs, phase=forward.phase, start=forward.start)
         observer, cache = self.observer, self.cache
         tree = forward.tree is not None  # a tree verify pass: its rows see their ancestors only
-        if observer is None and not tree and (cache is None or not cache.policy.needs_bridge):  # nothing to do
-            return self.variant.attend(call, frozenset()).output
         want = observer.wants(layer) if observer is not None else frozenset()
+        if not want and not tree and (cache is None or not cache.policy.needs_bridge):  # nothing to do
+            return self.variant.attend(call, frozenset()).output
         fidelity, want = FIDELITY in want, want - {FIDELITY}
         if "probs" in want and hasattr(observer, "probs_heads"):
             call.probs_heads = observer.probs_heads(layer)

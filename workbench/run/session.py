@@ -27,7 +27,7 @@ from workbench import cache as cache_family
 from workbench import routers as router_family
 from workbench.cache.kvcache import ForwardPass, KVCache
 from workbench.errors import WorkbenchError
-from workbench.run import bridge
+from workbench.run import bridge, routing
 
 LOGITS = ("last", "all", "none")
 
@@ -57,7 +57,14 @@ class Session:
         self.cache = cache if isinstance(cache, KVCache) else build_cache(model, self.policy)
         self.attention = attention_family.get(attention)
         self.router = router_family.get(router)
+        if self.router.needs_moe and not routing.routers(model.hf):
+            raise WorkbenchError(f"router '{self.router.name}' changes MoE routing, and {model.name} has no MoE "
+                                 "routers (a dense model: use 'native', or wb.moefy(model) for an MoE version)")
         self.binding = bridge.Binding(self.attention, observer, self.cache)
+        # the router bridge runs when there is something to do: a router that changes routing, or an observer of it
+        self._routing_observer = observer if getattr(observer, "observes_routing", False) else None
+        self._routes = self.router.needs_moe or self._routing_observer is not None
+        self.router_state: dict = {}  # what the router keeps during the run (a simulated expert cache)
         self.peak_bytes = 0  # the most the cache held at any moment (a pass's uncompressed tokens included)
         self.held_peak_bytes = 0  # the most the cache held after any pass (once the policy compressed)
         self.listeners: list[Callable[[ForwardPass, float], None]] = []  # called after every pass
@@ -87,6 +94,7 @@ class Session:
         with torch.inference_mode():  # the stores hold inference tensors
             cache = copy.deepcopy(self.cache, {id(self.cache.policy): self.cache.policy})
         fork = Session(self.model, cache, self.attention, router=self.router)
+        fork.router_state = copy.deepcopy(self.router_state)
         fork.peak_bytes, fork.held_peak_bytes = self.peak_bytes, self.held_peak_bytes
         return fork
 
@@ -168,7 +176,8 @@ class Session:
         started = time.perf_counter()
         self.cache.begin_pass(forward)
         try:
-            with torch.inference_mode(), bridge.routed(self.model.hf), self.router.attached(self.model):
+            with torch.inference_mode(), bridge.routed(self.model.hf), \
+                    routing.bound(self.model.hf, self._routing(forward)):
                 out = self.model.hf(input_ids=ids, position_ids=positions[None],
                                     use_cache=True, **{self._cache_keyword: self.cache},
                                     **(self._keep_last if logits != "all" else {}),
@@ -183,6 +192,10 @@ class Session:
         for listener in self.listeners:
             listener(forward, seconds)
         return (result, tuple(h[0] for h in out.hidden_states)) if hidden else result
+
+    def _routing(self, forward: ForwardPass) -> routing.RouterBinding | None:
+        return routing.RouterBinding(self.router, self._routing_observer, forward.phase, self.router_state,
+                                     routing.routers(self.model.hf)) if self._routes else None
 
     def _check_tree(self, tree, phase: str, n: int) -> None:
         if phase != "verify":

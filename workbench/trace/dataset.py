@@ -12,6 +12,7 @@ and coordinates:
   kv_head         KV heads, for cache records
   attn_layer, attn_head   the layers and heads whose attention rows were recorded
   vocab           token ids, for logits
+  rank, expert    an MoE token's chosen experts (best first), and every expert (router logits)
 attrs hold the run's configuration (also as JSON in attrs["config"]), so a saved trace says how it was made.
 """
 
@@ -38,7 +39,7 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
     sizes = {"step": n_steps, "forward": recorder.forwards, "position": n_positions, "query": n_prompt,
              "layer": recorder.num_layers, "head": recorder.num_heads, "kv_head": num_kv_heads,
              "attn_layer": len(recorder.attention_layers), "attn_head": len(recorder.attention_heads),
-             "vocab": vocab_size}
+             "vocab": vocab_size, "rank": recorder.max_rank, "expert": recorder.routing.num_experts}
     coords = {
         "sequence": np.arange(1),
         "step": np.arange(n_steps),
@@ -69,8 +70,8 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
                 coords["attn_head"] = np.array(recorder.attention_heads)
             elif dim == "query":
                 coords["query"] = np.arange(n_prompt)
-            elif dim == "vocab":
-                coords["vocab"] = np.arange(vocab_size)
+            elif dim in ("vocab", "rank", "expert"):
+                coords[dim] = np.arange(sizes[dim])
     dataset = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
     for variable in schema.variables(recorder.spec.names):
         if variable.name in dataset:
@@ -98,11 +99,11 @@ def _assemble(variable: schema.Variable, recorder: Recorder, sizes: dict[str, in
 
 def _fit(values: np.ndarray, variable: schema.Variable, sizes: dict[str, int], offset: int = 0) -> np.ndarray:
     """Pad a trailing `position` dimension to every position with the variable's fill (keys a row could not see
-    yet) and cut a trailing `vocab` dimension to the vocabulary (models pad their output layer)."""
+    yet), a trailing `rank` dimension to the most experts any token used, and cut a trailing `vocab` dimension to the vocabulary (models pad their output layer)."""
     last = variable.dims[-1]
-    if last == "position" and values.shape[-1] < sizes["position"]:
-        pad = [(0, 0)] * (values.ndim - 1) + [(0, sizes["position"] - values.shape[-1])]
-        values = np.pad(values.astype(np.float32), pad, constant_values=variable.fill)
+    if last in ("position", "rank") and values.shape[-1] < sizes[last]:
+        pad = [(0, 0)] * (values.ndim - 1) + [(0, sizes[last] - values.shape[-1])]
+        values = np.pad(values.astype(np.dtype(variable.dtype)), pad, constant_values=variable.fill)
     elif last == "vocab":
         values = values[..., :sizes["vocab"]]
     return values

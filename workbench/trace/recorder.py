@@ -17,6 +17,7 @@ import torch
 
 from workbench.errors import ParameterError
 from workbench.trace import schema
+from workbench.trace.routing_records import RoutingRecords
 
 
 class _Recordable(Mapping):
@@ -121,6 +122,9 @@ class Recorder:
             | ({"probs"} if "attention" in names and layer in self.attention_layers else set())
             | ({"fidelity"} if "fidelity" in names else set())) for layer in range(num_layers)}
         self.observes_attention = any(self._wants.values())
+        self.observes_routing = bool(names & {"routing", "router_logits"})  # the router bridge's observer protocol
+        self.routing = RoutingRecords(num_layers, logits="router_logits" in names)
+        self.max_rank = 0  # the most experts any token used in one layer (the trace's `rank` size)
         self.wants_cache_events = bool(names & {"cache", "fidelity"})  # fidelity measures attention on evictions
         self.enabled = {v.name for v in schema.variables(names)}
         self.along: dict[str, list] = {}  # step- and forward-axis variables: one entry per step / forward
@@ -170,6 +174,9 @@ class Recorder:
             self._layer["probs"][call.layer] = by_position(probs.float(), call.slot_positions, self.attention_heads,
                                                            call.groups)
 
+    def observe_routing(self, call, routing) -> None:
+        self.routing.observe(call, routing)
+
     def observe_fidelity(self, call, recall: torch.Tensor, output_error: torch.Tensor) -> None:
         self._layer["recall"][call.layer] = recall[0].float()
         self._layer["error"][call.layer] = output_error[0].float()
@@ -199,6 +206,17 @@ class Recorder:
                 self.record("prompt_attention", latest["probs"])
             if "recall" in latest:
                 self.record("prompt_attention_recall", latest["recall"])
+        routed = self.routing.end_forward()
+        if routed is not None:
+            self.max_rank = max(self.max_rank, routed["expert_ids"].shape[-1])
+            if forward.phase == "prefill":
+                for name, rows in routed.items():
+                    if name != "router_logits":
+                        self.record(f"prompt_{name}", rows)
+            # the row whose logits chose the step's token: the last after a prefill or append, else the first
+            # (a decode pass has one; a verify pass's first row is the pending token, a tree's root)
+            row = -1 if forward.phase in ("prefill", "append") else 0
+            latest["routing"] = {name: rows[row] for name, rows in routed.items()}
         if latest:
             self._rows[self.forwards - 1] = latest
         for per_layer in layers.values():
@@ -227,6 +245,9 @@ class Recorder:
         if "probs" in latest:
             records["attention"] = latest["probs"][:, :, -1, :]
             self.record("attention", records["attention"])
+        for name, value in latest.get("routing", {}).items():
+            records[name] = value
+            self.record(name, value)
         if "logits" in self.enabled:
             records["logits"] = logits.cpu().numpy()
             self.record("logits", records["logits"])

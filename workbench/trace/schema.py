@@ -149,3 +149,28 @@ declare("kl_vs_dense", ("step",), "nats", "KL(dense full-cache model || this run
         "this step", "fidelity", "a teacher-forced replay of the run's tokens through the unmodified model")
 declare("cache_dropped_mass", ("step", "layer", "head"), "fraction", "share of the dense full-cache model's attention "
         "at this step that falls on positions the cache had evicted", "fidelity", "the same dense replay")
+
+option("routing", "MoE routing per step and layer (experts chosen, their weights, the router's entropy) and for the "
+                  "prompt rows")
+option("router_logits", "the MoE routers' logits over every expert per step and layer")
+ROUTERS = "the router bridge (each MoE router's output, after the run's router component)"
+declare("expert_ids", ("step", "layer", "rank"), "expert", "experts the query that chose this token (the token "
+        "before it) was sent to at each layer, highest router logit first (-1: a dense layer, or fewer experts)",
+        "routing", ROUTERS, "int64", -1)
+declare("expert_weights", ("step", "layer", "rank"), "weight", "the mixing weight of each expert in expert_ids "
+        "(NaN where there is none)", "routing", ROUTERS, fill=float("nan"))
+declare("router_entropy", ("step", "layer"), "nats", "entropy of softmax(router logits) over all experts (NaN: a "
+        "dense layer)", "routing", ROUTERS)
+declare("prompt_expert_ids", ("query", "layer", "rank"), "expert", "expert_ids of each prompt token (prefill)",
+        "routing", ROUTERS, "int64", -1)
+declare("prompt_expert_weights", ("query", "layer", "rank"), "weight", "expert_weights of each prompt token "
+        "(prefill)", "routing", ROUTERS, fill=float("nan"))
+declare("prompt_router_entropy", ("query", "layer"), "nats", "router_entropy of each prompt token (prefill)",
+        "routing", ROUTERS)
+declare("fate_expert_ids", ("step", "layer", "rank"), "expert", "Fate's prediction of expert_ids: the previous MoE "
+        "layer's router input through this layer's router (-1: the first MoE layer, dense layers)", "routing", ROUTERS,
+        "int64", -1)
+declare("prompt_fate_expert_ids", ("query", "layer", "rank"), "expert", "fate_expert_ids of each prompt token "
+        "(prefill)", "routing", ROUTERS, "int64", -1)
+declare("router_logits", ("step", "layer", "expert"), "logit", "the router's logits over all experts for the query "
+        "that chose this token (NaN: a dense layer)", "router_logits", ROUTERS, fill=float("nan"))

@@ -13,6 +13,8 @@ so drawing never runs once per token.
                                                  seen, kept, evicted, merged (recorded with record "cache")
     acceptance    Buffer  (verify, tokens)       tokens each verify pass of a speculative decoder gave (the kept
                                                  drafts and the target's own; recorded with record "decoding")
+    experts       Pipe    (layer, rank) array    an MoE model's experts for the latest token, best first (recorded
+                                                 with record "routing"; shown for MoE models only)
 
 `select(layer, head)` chooses the layer and query head the last two show (the raster shows the head's KV head).
 """
@@ -38,8 +40,11 @@ LABELED_TOKENS = 6  # the attention row names the tokens of its highest weights 
 class LivePlots:
     """The streams of one panel and the DynamicMaps that draw them."""
 
-    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int | None = None):
+    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int | None = None, num_experts: int = 0):
         self.num_layers, self.num_heads = num_layers, num_heads
+        self.num_experts = num_experts  # 0: a dense model, no experts plot
+        self.experts = Pipe(data=np.full((num_layers, 1), -1))
+        self._latest_experts: np.ndarray | None = None
         self.groups = num_heads // (num_kv_heads or num_heads)
         self.layer, self.head = num_layers - 1, 0  # what the attention row and the cache raster show
         self.attention_row = Pipe(data=_row_frame([], [], []))
@@ -68,6 +73,8 @@ class LivePlots:
                 self._pending[name].append((event.step, records[name]))
         if "attention_entropy" in records:
             self._latest_attention = records["attention_entropy"]
+        if "expert_ids" in records and (np.asarray(records["expert_ids"]) >= 0).any():
+            self._latest_experts = np.asarray(records["expert_ids"])
         self.tokens.append(readable(event.token))
         if "attention" in records:  # (attn_layer, attn_head, position): the panel records one layer and head
             self._latest_row = np.asarray(records["attention"])[-1, -1]
@@ -89,6 +96,9 @@ class LivePlots:
         if self._latest_attention is not None:
             self.attention.send(np.asarray(self._latest_attention, dtype=float))
             self._latest_attention = None
+        if self._latest_experts is not None:
+            self.experts.send(self._latest_experts)
+            self._latest_experts = None
         if self._latest_row is not None:
             row = self._latest_row[:len(self.tokens)]
             seen = np.isfinite(row)
@@ -133,7 +143,8 @@ class LivePlots:
         """Empty every plot before a new run."""
         for rows in self._pending.values():
             rows.clear()
-        self._latest_attention = self._latest_row = None
+        self._latest_attention = self._latest_row = self._latest_experts = None
+        self.experts.send(np.full((self.num_layers, 1), -1))
         self.tokens, self._events, self._given, self._verifies = [], [], [], []
         self._verify_count, self._last_records = 0, None
         for buffer in (*self._buffers.values(), self.acceptance):
@@ -166,8 +177,13 @@ class LivePlots:
             hv.opts.Image(cmap=CACHE_COLORS, clim=(-0.5, 3.5), colorbar=False, **common))
         accepted = hv.DynamicMap(self._acceptance_points, streams=[self.acceptance]).opts(
             hv.opts.Scatter(color="#2a9d8f", size=7, ylim=(0, None), **common))
+        plots = entropy + cache + attention + row + raster + accepted
+        if self.num_experts:
+            plots += hv.DynamicMap(self._experts_image, streams=[self.experts]).opts(
+                hv.opts.Image(cmap="Category20", clim=(-0.5, self.num_experts - 0.5), colorbar=True,
+                              clipping_colors={"NaN": "#f4f4f4"}, **common))
         # one grid: every plot as wide, 3 fit the panel
-        return (entropy + cache + attention + row + raster + accepted).cols(3)
+        return plots.cols(3)
 
     # -- DynamicMap callbacks: data in, element out ------------------------------------------------------------
     @staticmethod
@@ -202,6 +218,13 @@ class LivePlots:
         return hv.Image(np.flipud(data), bounds=(-0.5, -0.5, positions - 0.5, steps - 0.5),
                         kdims=["position", "step"], vdims=["state"]).opts(
             title=title, xlabel="position (blue kept, red gone, yellow merged)", fontsize={"xlabel": "8pt"})
+
+    def _experts_image(self, data):
+        layers, ranks = data.shape
+        values = np.where(data >= 0, data, np.nan).astype(float)
+        # Image rows run top to bottom: flip so layer 0 sits at the bottom
+        return hv.Image(np.flipud(values), bounds=(-0.5, -0.5, ranks - 0.5, layers - 0.5), kdims=["rank", "layer"],
+                        vdims=["expert"]).opts(title="experts of the latest token", xlabel="rank (best first)")
 
     def _attention_image(self, data):
         # Image rows run top to bottom: flip so layer 0 sits at the bottom

@@ -17,6 +17,7 @@ import ipywidgets as widgets
 
 from workbench.errors import ParameterError, WorkbenchError
 from workbench.models import Model
+from workbench.routers import find_routers
 from workbench.run import Run, StepEvent, generate
 from workbench.trace import RECORDABLE, RecordSpec
 from workbench.widgets.configuration import Configuration
@@ -35,7 +36,8 @@ class Workbench:
     prompt         -- the text in the prompt box at first
     chat           -- send the prompt as a user chat message through the chat template (default: when the
                       model has a chat template), else as raw text to continue
-    record         -- what the trace records at first (the live plots draw "entropy", "cache" and "decoding")
+    record         -- what the trace records at first (the live plots draw "entropy", "cache", "decoding" and, for
+                      MoE models, "routing"; None: those four, routing only where the model has MoE routers)
     attention, cache, decoder, router -- the members chosen at first, for both configurations
     ignore_eos     -- keep generating past end-of-sequence tokens at first (fixed-length runs)
     interval       -- seconds between live plot redraws at most (redraws also slow down when they are expensive)
@@ -45,7 +47,7 @@ class Workbench:
     """
 
     def __init__(self, model: Model, prompt: str = "Name the three primary colors.", *, chat: bool | None = None,
-                 max_new_tokens: int = 48, record=("entropy", "cache", "decoding"), attention: str = "sdpa",
+                 max_new_tokens: int = 48, record=None, attention: str = "sdpa",
                  cache: str = "full", decoder: str = "greedy", router: str = "native", ignore_eos: bool = False,
                  interval: float = 0.2):
         from workbench.families import FAMILIES
@@ -56,7 +58,11 @@ class Workbench:
         self.model = model
         self.runs: list[Run] = []
         self.generation_seconds: dict[str, float] = {}
-        self.live = LivePlots(model.num_layers, model.num_heads, model.num_kv_heads)
+        routers = find_routers(model.hf)
+        num_experts = max((int(router.num_experts) for router in routers.values()), default=0)
+        self.live = LivePlots(model.num_layers, model.num_heads, model.num_kv_heads, num_experts)
+        if record is None:
+            record = ("entropy", "cache", "decoding") + (("routing",) if routers else ())
         self.throttle = Throttle(interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
