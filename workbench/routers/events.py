@@ -14,8 +14,9 @@ from workbench.errors import ParameterError
 
 
 def routing_events(trace, name: str = "expert_ids", prompt: bool = True) -> np.ndarray:
-    """(tokens, layers, rank) expert ids of every token the model routed, in order. `name`: "expert_ids" or
-    "fate_expert_ids" (the same layout); `prompt=False` keeps the generated part only (from step 1 on)."""
+    """(tokens, layers, rank) expert ids of every token the model routed, in order. `name`: "expert_ids",
+    "fate_expert_ids" (the same layout) or "router_entropy" (tokens, layers); `prompt=False` keeps the generated
+    part only (from step 1 on)."""
     if name not in trace:
         raise ParameterError(f"the trace has no {name!r}: run with record='routing' on an MoE model "
                              "(wb.moefy(model) makes the embedded model one)")
@@ -25,6 +26,8 @@ def routing_events(trace, name: str = "expert_ids", prompt: bool = True) -> np.n
     if not prompt:
         return steps[1:]
     prompt_rows = _values(trace, f"prompt_{name}")
+    if steps.ndim == 2:  # a (token, layer) variable such as router_entropy: nothing to widen
+        return np.concatenate([prompt_rows, steps[1:]])
     rank = max(prompt_rows.shape[-1], steps.shape[-1])
 
     def widen(rows):

@@ -30,12 +30,11 @@ class RouterBinding:
     phase: str
     state: dict  # the session's router state
 
-    routers: dict  # the model's routers by layer
+    following: dict  # layer -> (the next MoE layer, its router), from `following_routers`
 
     def __call__(self, layer: int, module, args, output):
-        following = next(((later, self.routers[later]) for later in sorted(self.routers) if later > layer), None)
         call = RouterCall(layer, module, args[0].reshape(-1, args[0].shape[-1]), self.phase, Routing(*output),
-                          self.state, following)
+                          self.state, self.following.get(layer))
         routing = self.router.route(call)
         if self.observer is not None:
             self.observer.observe_routing(call, routing or call.native)
@@ -44,6 +43,7 @@ class RouterBinding:
 
 _current: ContextVar[RouterBinding | None] = ContextVar("workbench_router_binding", default=None)
 _hooked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> {layer: router}
+_following: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> {layer: (next layer, router)}
 
 
 def routers(hf_model) -> dict:
@@ -53,7 +53,15 @@ def routers(hf_model) -> dict:
         for layer, module in found.items():
             module.register_forward_hook(_hook(layer))
         _hooked[hf_model] = found
+        layers = sorted(found)
+        _following[hf_model] = {layer: (later, found[later]) for layer, later in zip(layers, layers[1:])}
     return _hooked[hf_model]
+
+
+def following_routers(hf_model) -> dict:
+    """Each MoE layer's next MoE layer and its router (the last MoE layer has none)."""
+    routers(hf_model)
+    return _following[hf_model]
 
 
 def _hook(layer: int):

@@ -195,7 +195,7 @@ class Session:
 
     def _routing(self, forward: ForwardPass) -> routing.RouterBinding | None:
         return routing.RouterBinding(self.router, self._routing_observer, forward.phase, self.router_state,
-                                     routing.routers(self.model.hf)) if self._routes else None
+                                     routing.following_routers(self.model.hf)) if self._routes else None
 
     def _check_tree(self, tree, phase: str, n: int) -> None:
         if phase != "verify":

@@ -80,7 +80,7 @@ def router_entropy(trace: Any) -> hv.HeatMap:
     ensure_bokeh()
     trace = as_trace(trace)
     require(trace, "router_entropy", "prompt_router_entropy", purpose="router entropy")
-    values = np.concatenate([trace["prompt_router_entropy"].values, trace["router_entropy"].values[1:]])
+    values = routing_events(trace, "router_entropy")
     tokens = position_tokens(trace)[:len(values)]
     layers = [layer for layer in range(values.shape[1]) if not np.isnan(values[:, layer]).all()]
     data = pd.DataFrame([{"token_index": t, "layer": layer, "entropy": float(values[t, layer]), "token": tokens[t]}
