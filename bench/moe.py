@@ -10,7 +10,8 @@ layers). Printed:
     1x..4x the active experts per layer, with the estimated time per token under the CPU-laptop cost model;
   - each predictor's precision and recall (mean over layers) against the experts actually used;
   - SRP and SCH at the paper's segment lengths 4 / 16 / 64 / 256;
-  - the fused MoE kernel against the eager experts where a GPU is present (no kernel yet: says so).
+  - the fused MoE kernel against transformers' grouped_mm / batched_mm / eager experts where a GPU is present
+    (bench/fused_moe.py; says so and skips it without one).
 
     .venv/bin/python bench/moe.py                  # under a minute on a 2-core CPU
     .venv/bin/python bench/moe.py --tokens 64 --json
@@ -151,8 +152,12 @@ def main(argv=None) -> int:
         results["consistency"][length] = {"srp": srp, "sch": sch}
         print(f"  m = {length:<4} SRP {srp:.3f}   SCH {sch:.3f}")
 
-    print("\nfused MoE kernel: not built yet (issue 11 item 7); nothing to compare"
-          + ("" if torch.cuda.is_available() else " (and no GPU here)"))
+    if torch.cuda.is_available():
+        import fused_moe as fused_moe_bench  # bench/fused_moe.py (this script's folder is on sys.path)
+        print("\nfused MoE kernel against transformers' experts implementations (bench/fused_moe.py)")
+        fused_moe_bench.main(["--tokens", "1,16,128"])
+    else:
+        print("\nfused MoE kernel: bench/fused_moe.py compares it on a GPU; no GPU here, skipped")
     if args.json:
         print(json.dumps(results, indent=2, default=float))
     return 0

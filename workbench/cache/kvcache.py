@@ -43,6 +43,7 @@ class ForwardPass:
     # a tree verify pass (workbench.decode.tree): bool (count, count), row i may see row j of the pass (j is i or
     # an ancestor); None: the pass's tokens are one sequence
     tree: torch.Tensor | None = None
+    skipped_layers: frozenset = frozenset()  # decoder layers this pass skips (workbench.run.layers): no new slots
 
     def __post_init__(self):
         if self.phase not in PHASES:

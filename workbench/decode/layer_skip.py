@@ -8,15 +8,10 @@ workbench.decode.speculative). The output is exactly greedy's tokens in greedy m
 distribution otherwise, whatever layers the draft skipped.
 
 How a layer is skipped. The draft has a Session of its own on the same model, with its own full cache, so the
-target's cache never sees a draft token. Each decoder layer's `forward` is wrapped once per model (on the
-instance: the weights are shared, nothing is copied). The wrapper reads the workbench pass that every forward of a
-session carries in its keyword arguments (workbench.run.bridge: transformers hands them to every decoder layer).
-When the pass belongs to a draft session that skips this layer, the layer returns its input hidden states
-unchanged (in transformers 5 a decoder layer takes and returns a tensor, and its residual connection makes the
-identity the natural "no layer"). Every other forward runs the layer's own code: the target's session, any other
-session and a direct call of the model, also from another thread at the same time (nothing global changes
-during a draft, unlike swapping `model.model.layers`). Skipped layers never call their attention, so their slots
-of the draft cache stay empty, and the draft cache holds keys and values only for the layers it runs.
+target's cache never sees a draft token, and every pass of that session skips the chosen layers through the layer
+bridge (workbench.run.layers, shared with the `layer_skip` router): a skipped decoder layer returns its input
+hidden states unchanged, on the same weights, while the target's session and any other forward run every layer.
+Skipped layers never call their attention, so their slots of the draft cache stay empty.
 
 Layer 0 always runs: the cache counts positions, and transformers sizes its masks, at the first layer.
 
@@ -30,19 +25,12 @@ layers (and the last, which shapes the logits) matter most. Both papers tune the
 
 from __future__ import annotations
 
-import types
-import weakref
 from dataclasses import dataclass
 
-import torch
-
 from workbench.decode.speculative import ModelDrafting
-from workbench.errors import ParameterError, WorkbenchError
+from workbench.errors import ParameterError
 from workbench.registry import param
-
-# a draft session's cache -> the decoder layers its passes skip (read by every wrapped layer's forward)
-_SKIPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_INDEX = "_workbench_layer_index"  # set on a decoder layer once its forward is wrapped
+from workbench.run.layers import decoder_layers
 
 
 @dataclass
@@ -120,37 +108,7 @@ def draft_session(decoder: LayerSkip, ctx):
     session = ctx.state.get("draft_session")
     if session is None:
         model = ctx.session.model
-        layers = decoder_layers(model.hf, model.num_layers)
-        skipped = decoder.skipped_layers(len(layers))
-        for index, layer in enumerate(layers):
-            skippable(layer, index)
+        skipped = decoder.skipped_layers(len(decoder_layers(model.hf, model.num_layers)))
         session = ctx.state["draft_session"] = Session(model, "full", "sdpa")
-        _SKIPPED[session.cache] = skipped
+        session.skip_layers = skipped
     return session
-
-
-def decoder_layers(hf_model, num_layers: int) -> torch.nn.ModuleList:
-    """The model's decoder layers (transformers' `get_decoder().layers`)."""
-    layers = getattr(hf_model.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != num_layers:
-        raise WorkbenchError(f"decoder 'layer_skip' cannot find the {num_layers} decoder layers of "
-                             f"{type(hf_model).__name__} (expected get_decoder().layers)")
-    return layers
-
-
-def skippable(layer: torch.nn.Module, index: int) -> None:
-    """Wrap the layer's forward (once) so that a pass of a draft session skipping `index` returns its input."""
-    if getattr(layer, _INDEX, None) == index:
-        return
-    setattr(layer, _INDEX, index)
-    layer.forward = types.MethodType(_forward, layer)  # a bound method: copy.deepcopy rebinds it to the copy
-
-
-def _forward(layer, *args, **kwargs):
-    from workbench.run.bridge import PASS_KEYWORD
-
-    bound = kwargs.get(PASS_KEYWORD)
-    cache = bound.binding.cache if bound is not None else None
-    if cache is not None and getattr(layer, _INDEX) in _SKIPPED.get(cache, ()):
-        return args[0] if args else kwargs["hidden_states"]  # the residual stream, unchanged
-    return type(layer).forward(layer, *args, **kwargs)

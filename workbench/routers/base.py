@@ -92,12 +92,26 @@ class RouterCall:
 
 class Router(Component):
     """Base of routers. `route(call)` returns the routing to use instead of the model's (None: keep it).
-    `needs_moe`: the router changes MoE routing, so a model without routers is an error."""
+    `needs_moe`: the router changes MoE routing, so a model without routers is an error.
+
+    Layer routers (workbench.run.layers) choose decoder layers instead: `skipped_layers(state, phase, num_layers)`
+    names the layers a pass skips, and `observe_layer(call, state)` sees each layer's input and output in the
+    passes where `watches_layers(state, phase)`."""
 
     needs_moe = True
+    routes_layers = False  # the session asks skipped_layers / watches_layers only when True
 
     def route(self, call: RouterCall) -> Routing | None:
         return None
+
+    def skipped_layers(self, state: dict, phase: str, num_layers: int) -> frozenset[int]:
+        return frozenset()
+
+    def watches_layers(self, state: dict, phase: str) -> bool:
+        return False
+
+    def observe_layer(self, call, state: dict) -> None:
+        """`call`: a workbench.run.layers.LayerCall."""
 
 
 def is_router(module: torch.nn.Module) -> bool:

@@ -19,7 +19,11 @@ class CacheAware(Router):
     chosen among its `max_rank` best-ranked ones, cached experts first (in rank order), then the best uncached,
     and the chosen experts enter the cache. `max_rank = k` is the native routing with a cache beside it; larger
     values trade quality (`record="fidelity"`: KL against native routing) for hits. Departure: the paper also
-    proposes a cumulative-probability variant and a logit prior ("Cache-Prior"); only max rank is here."""
+    proposes a cumulative-probability variant and a logit prior ("Cache-Prior"); only max rank is here.
+
+    The simulated cache follows every pass the model runs, verify and look-ahead passes included, and a session's
+    rollback leaves it as it is: the experts a rejected draft token used were loaded all the same, as they would
+    be in a real expert cache."""
 
     name = "cache_aware"
     summary = "Choose each token's experts among its best-ranked ones, preferring those a simulated cache holds."

@@ -20,12 +20,12 @@ def routing_events(trace, name: str = "expert_ids", prompt: bool = True) -> np.n
     if name not in trace:
         raise ParameterError(f"the trace has no {name!r}: run with record='routing' on an MoE model "
                              "(wb.moefy(model) makes the embedded model one)")
-    steps = _values(trace, name)
+    steps = sequence_values(trace, name)
     if steps.shape[0] == 0:
         return steps
     if not prompt:
         return steps[1:]
-    prompt_rows = _values(trace, f"prompt_{name}")
+    prompt_rows = sequence_values(trace, f"prompt_{name}")
     if steps.ndim == 2:  # a (token, layer) variable such as router_entropy: nothing to widen
         return np.concatenate([prompt_rows, steps[1:]])
     rank = max(prompt_rows.shape[-1], steps.shape[-1])
@@ -36,7 +36,7 @@ def routing_events(trace, name: str = "expert_ids", prompt: bool = True) -> np.n
     return np.concatenate([widen(prompt_rows), widen(steps[1:])])  # step 0's query is the prompt's last row
 
 
-def _values(trace, name: str) -> np.ndarray:
+def sequence_values(trace, name: str) -> np.ndarray:
     """A variable of the trace's first sequence (a whole trace, or one sequence of it)."""
     data = trace[name]
     return np.asarray(data.isel(sequence=0).values if "sequence" in data.dims else data.values)

@@ -108,10 +108,12 @@ class Binding:
 
 @dataclass
 class BoundPass:
-    """What a session passes to the forward for its attention calls: its binding and the pass."""
+    """What a session passes to the forward for its attention calls: its binding and the pass, and a watcher
+    of every decoder layer's input and output (workbench.run.layers), or None."""
 
     binding: Binding
     forward: ForwardPass
+    watch: Any = None  # watch(layer, hidden_in, hidden_out, skipped)
 
 
 def _per_query_head(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:

@@ -97,7 +97,8 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
     decoder = components["decoder"]
     kv = build_cache(model, components["cache"])
     kv.record_events = recorder.wants_cache_events
-    observer = recorder if recorder.observes_attention or recorder.observes_routing else None
+    observer = recorder if recorder.observes_attention or recorder.observes_routing or recorder.observes_layers \
+        else None
     rng = _generator(decoder, model.device)
     bar = _progress_bar(max_new_tokens) if progress else None
     text = IncrementalText(model.decode)

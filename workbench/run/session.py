@@ -27,7 +27,7 @@ from workbench import cache as cache_family
 from workbench import routers as router_family
 from workbench.cache.kvcache import ForwardPass, KVCache
 from workbench.errors import WorkbenchError
-from workbench.run import bridge, routing
+from workbench.run import bridge, layers, routing
 
 LOGITS = ("last", "all", "none")
 
@@ -65,6 +65,8 @@ class Session:
         self._routing_observer = observer if getattr(observer, "observes_routing", False) else None
         self._routes = self.router.needs_moe or self._routing_observer is not None
         self.router_state: dict = {}  # what the router keeps during the run (a simulated expert cache)
+        self._layer_observer = observer if getattr(observer, "observes_layers", False) else None
+        self.skip_layers: frozenset[int] = frozenset()  # decoder layers every pass skips (layer_skip's draft)
         self.peak_bytes = 0  # the most the cache held at any moment (a pass's uncompressed tokens included)
         self.held_peak_bytes = 0  # the most the cache held after any pass (once the policy compressed)
         self.listeners: list[Callable[[ForwardPass, float], None]] = []  # called after every pass
@@ -95,6 +97,7 @@ class Session:
             cache = copy.deepcopy(self.cache, {id(self.cache.policy): self.cache.policy})
         fork = Session(self.model, cache, self.attention, router=self.router)
         fork.router_state = copy.deepcopy(self.router_state)
+        fork.skip_layers = self.skip_layers
         fork.peak_bytes, fork.held_peak_bytes = self.peak_bytes, self.held_peak_bytes
         return fork
 
@@ -123,7 +126,8 @@ class Session:
 
     def rollback(self, mark: int) -> None:
         """Return the cache, the positions and the policy's statistics to exactly their state at `mark` (the last
-        committed position or one inside the provisional tail)."""
+        committed position or one inside the provisional tail). The router state (a simulated expert cache) is
+        not rolled back: the passes did load those experts."""
         self.cache.rollback(mark)
 
     def commit(self, n: int, rows: list[int] | None = None) -> None:
@@ -167,7 +171,10 @@ class Session:
         n = ids.shape[1]
         if n == 0:
             raise WorkbenchError(f"a {phase} pass needs at least one token")
-        forward = ForwardPass(phase, self.position, n, ids[0])
+        forward = ForwardPass(phase, self.position, n, ids[0], skipped_layers=self._skipped_layers(phase))
+        watch = self._layer_watch(forward)
+        if forward.skipped_layers or watch is not None:
+            layers.wrap(self.model.hf)
         positions = torch.arange(forward.start, forward.end, device=device)
         if tree is not None:
             self._check_tree(tree, phase, n)
@@ -182,7 +189,7 @@ class Session:
                                     use_cache=True, **{self._cache_keyword: self.cache},
                                     **(self._keep_last if logits != "all" else {}),
                                     **({"output_hidden_states": True} if hidden else {}),
-                                    **{bridge.PASS_KEYWORD: bridge.BoundPass(self.binding, forward)})
+                                    **{bridge.PASS_KEYWORD: bridge.BoundPass(self.binding, forward, watch)})
         finally:
             self.cache.end_pass()
         result = None if logits == "none" else out.logits[0, -1:].float() if logits == "last" else out.logits[0].float()
@@ -196,6 +203,27 @@ class Session:
     def _routing(self, forward: ForwardPass) -> routing.RouterBinding | None:
         return routing.RouterBinding(self.router, self._routing_observer, forward.phase, self.router_state,
                                      routing.following_routers(self.model.hf)) if self._routes else None
+
+    def _skipped_layers(self, phase: str) -> frozenset[int]:
+        if not self.router.routes_layers:
+            return self.skip_layers
+        return self.skip_layers | self.router.skipped_layers(self.router_state, phase, self.model.num_layers)
+
+    def _layer_watch(self, forward: ForwardPass):
+        """The pass's watcher of every decoder layer (the layer router's and the observer's), or None."""
+        router = self.router if self.router.routes_layers and self.router.watches_layers(
+            self.router_state, forward.phase) else None
+        observer = self._layer_observer
+        if router is None and observer is None:
+            return None
+
+        def watch(layer: int, hidden_in, hidden_out, skipped: bool) -> None:
+            call = layers.LayerCall(layer, forward.phase, hidden_in, hidden_out, self.model.hf, skipped)
+            if router is not None:
+                router.observe_layer(call, self.router_state)
+            if observer is not None:
+                observer.observe_layer(call)
+        return watch
 
     def _check_tree(self, tree, phase: str, n: int) -> None:
         if phase != "verify":

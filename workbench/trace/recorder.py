@@ -17,6 +17,7 @@ import torch
 
 from workbench.errors import ParameterError
 from workbench.trace import schema
+from workbench.trace.layer_records import LayerRecords
 from workbench.trace.routing_records import RoutingRecords
 
 
@@ -124,6 +125,8 @@ class Recorder:
         self.observes_attention = any(self._wants.values())
         self.observes_routing = bool(names & {"routing", "router_logits"})  # the router bridge's observer protocol
         self.routing = RoutingRecords(num_layers, logits="router_logits" in names)
+        self.observes_layers = "layers" in names  # the layer bridge's observer protocol (workbench.run.layers)
+        self.layers = LayerRecords(num_layers)
         self.max_rank = 0  # the most experts any token used in one layer (the trace's `rank` size)
         self.wants_cache_events = bool(names & {"cache", "fidelity"})  # fidelity measures attention on evictions
         self.enabled = {v.name for v in schema.variables(names)}
@@ -177,6 +180,9 @@ class Recorder:
     def observe_routing(self, call, routing) -> None:
         self.routing.observe(call, routing)
 
+    def observe_layer(self, call) -> None:
+        self.layers.observe(call)
+
     def observe_fidelity(self, call, recall: torch.Tensor, output_error: torch.Tensor) -> None:
         self._layer["recall"][call.layer] = recall[0].float()
         self._layer["error"][call.layer] = output_error[0].float()
@@ -217,6 +223,13 @@ class Recorder:
             # (a decode pass has one; a verify pass's first row is the pending token, a tree's root)
             row = -1 if forward.phase in ("prefill", "append") else 0
             latest["routing"] = {name: rows[row] for name, rows in routed.items()}
+        per_layer = self.layers.end_forward()
+        if per_layer is not None:
+            similarity = per_layer.pop("layer_similarity")
+            if forward.phase == "prefill":
+                self.record("prompt_layer_similarity", similarity)
+            per_layer["layer_similarity"] = similarity[-1 if forward.phase in ("prefill", "append") else 0]
+            latest["layers"] = per_layer
         if latest:
             self._rows[self.forwards - 1] = latest
         for per_layer in layers.values():
@@ -245,7 +258,7 @@ class Recorder:
         if "probs" in latest:
             records["attention"] = latest["probs"][:, :, -1, :]
             self.record("attention", records["attention"])
-        for name, value in latest.get("routing", {}).items():
+        for name, value in {**latest.get("routing", {}), **latest.get("layers", {})}.items():
             records[name] = value
             self.record(name, value)
         if "logits" in self.enabled:

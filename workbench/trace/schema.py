@@ -174,3 +174,19 @@ declare("prompt_fate_expert_ids", ("query", "layer", "rank"), "expert", "fate_ex
         "(prefill)", "routing", ROUTERS, "int64", -1)
 declare("router_logits", ("step", "layer", "expert"), "logit", "the router's logits over all experts for the query "
         "that chose this token (NaN: a dense layer)", "router_logits", ROUTERS, fill=float("nan"))
+
+option("layers", "per step and decoder layer: the logit lens (the layer's output through the final norm and LM head: "
+                 "its top token and KL from the model's distribution), how much the layer changed the hidden state, "
+                 "and which layers the pass skipped; the prompt's similarities too")
+LAYERS = "the layer bridge (each decoder layer's input and output)"
+declare("lens_token", ("step", "layer"), "token id", "the logit lens's top token at each layer for the query that "
+        "chose this token (the last layer's is the model's own top token)", "layers", LAYERS, "int64", -1)
+declare("lens_kl", ("step", "layer"), "nats", "KL(the model's next-token distribution || the logit lens at this "
+        "layer) for the query that chose this token (0 at the last layer)", "layers", LAYERS)
+declare("layer_similarity", ("step", "layer"), "cosine", "cosine similarity of the layer's input and output hidden "
+        "state for the query that chose this token (1: the layer changed nothing; ShortGPT's Block Influence is 1 "
+        "minus it)", "layers", LAYERS)
+declare("layer_skipped", ("step", "layer"), "", "1 where the pass that chose this token skipped the layer (a layer "
+        "router, or a self-speculative draft), else 0", "layers", LAYERS, "int64", -1)
+declare("prompt_layer_similarity", ("query", "layer"), "cosine", "layer_similarity of each prompt token (prefill)",
+        "layers", LAYERS)

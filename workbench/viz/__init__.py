@@ -9,6 +9,7 @@
     wb.viz.compare(run_a, run_b, labels=("full", "snapkv"))
     wb.viz.decoding(run.trace)          # speculative acceptance, time per phase, adaptive decisions
     wb.viz.expert_map(run.trace)        # MoE routing (record="routing"): each token's expert per layer
+    wb.viz.logit_lens(run.trace)        # record="layers": at which layer the model already knows its token
     wb.viz.save_html(plot, "plot.html"); wb.viz.save_png(plot, "plot.png")
 
 Every plot takes a Run or its trace, and fails with a WorkbenchError naming the `record=` choice it needs when the
@@ -25,6 +26,7 @@ from workbench.viz.decoding_plots import (acceptance_by_position, accepted_lengt
 from workbench.viz.entropy_plots import entropy_curve, entropy_heatmap, head_entropy_map
 from workbench.viz.export import save_html, save_png
 from workbench.viz.fidelity_plots import fidelity, fidelity_variables
+from workbench.viz.layer_plots import layer_similarity, logit_lens
 from workbench.viz.overview import entropy, overview, supported_plots
 from workbench.viz.routing_plots import (cache_hit_rates, expert_load, expert_map, prediction_quality,
                                          router_entropy, routing_consistency)
@@ -33,5 +35,5 @@ from workbench.viz.stream import token_stream
 __all__ = ["acceptance_by_position", "accepted_lengths", "attention_pattern", "cache_bytes", "cache_hit_rates",
            "cache_occupancy", "cache_states", "compare", "decisions", "decoding", "divergence_step", "entropy",
            "entropy_curve", "entropy_heatmap", "expert_load", "expert_map", "fidelity", "fidelity_variables",
-           "head_entropy_map", "overview", "phase_times", "prediction_quality", "router_entropy",
+           "head_entropy_map", "layer_similarity", "logit_lens", "overview", "phase_times", "prediction_quality", "router_entropy",
            "routing_consistency", "save_html", "save_png", "setup", "supported_plots", "token_stream"]
