@@ -4,7 +4,8 @@ and the generation loop driven by the decoder."""
 from workbench.run.bridge import use_attention
 from workbench.run.context import StepContext
 from workbench.run.generate import generate
+from workbench.run.prefix import PrefixCache
 from workbench.run.result import Run, StepEvent
 from workbench.run.session import Session, build_cache, probe
 
-__all__ = ["generate", "Run", "StepEvent", "Session", "StepContext", "build_cache", "probe", "use_attention"]
+__all__ = ["generate", "PrefixCache", "Run", "StepEvent", "Session", "StepContext", "build_cache", "probe", "use_attention"]

@@ -22,6 +22,7 @@ from workbench.models import Model
 from workbench.models.model import Messages
 from workbench.run.context import StepContext
 from workbench.run.fidelity import dense_replay, kl_divergence
+from workbench.run.prefix import PrefixCache
 from workbench.run.result import Run, StepEvent
 from workbench.run.session import Session, build_cache
 from workbench.run.text import IncrementalText
@@ -33,7 +34,7 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
              decoder: Any = "greedy", router: Any = "native",
              record: None | str | Iterable[str] | Mapping[str, Any] = None, max_new_tokens: int = 64,
              stream: Callable[[StepEvent], None] | None = None, progress: bool = False,
-             ignore_eos: bool = False) -> Run:
+             ignore_eos: bool = False, prefixes: PrefixCache | None = None) -> Run:
     """Generate up to `max_new_tokens` tokens after `prompt` with the chosen components.
 
     prompt     -- raw text (used as is), or chat messages [{"role": "user", "content": ...}] that go through the
@@ -47,6 +48,8 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
     stream     -- called with a StepEvent as soon as each token is chosen (live text and plots)
     progress   -- show a progress bar over the new tokens
     ignore_eos -- keep generating past end-of-sequence tokens (benchmarks that need a fixed length)
+    prefixes   -- a workbench.PrefixCache: start from the longest stored prefix of the prompt (its prefill is
+                  skipped; `run.config["prefix_reused"]` says how many tokens) and store this run's snapshots
     """
     if not isinstance(model, Model):
         raise WorkbenchError(f"generate needs a workbench Model (workbench.load(), workbench.tiny() or "
@@ -69,8 +72,10 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
     peak_bytes, held_bytes, finish = 0, 0, "empty"
     if max_new_tokens > 0:
         stop_ids = set() if ignore_eos else model.eos_token_ids
-        generated, (peak_bytes, held_bytes), finish = _loop(model, prompt_ids, components, recorder,
-                                                               max_new_tokens, stop_ids, stream, progress)
+        generated, (peak_bytes, held_bytes), finish, reused = _loop(model, prompt_ids, components, recorder,
+                                                                       max_new_tokens, stop_ids, stream, progress,
+                                                                       prefixes)
+        config["prefix_reused"] = reused
     if "fidelity" in spec.names and generated:
         replay = dense_replay(model, prompt_ids, generated, recorder.evictions)
         recorder.along["kl_vs_dense"] = list(kl_divergence(replay.log_probs.cpu(),
@@ -93,7 +98,7 @@ def generate(model: Model, prompt: str | Messages, *, attention: Any = "sdpa", c
                peak_cache_bytes=peak_bytes, held_cache_bytes=held_bytes, finish_reason=finish, trace=trace, config=config)
 
 
-def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, stream, progress):
+def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, stream, progress, prefixes):
     decoder = components["decoder"]
     kv = build_cache(model, components["cache"])
     kv.record_events = recorder.wants_cache_events
@@ -103,10 +108,19 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
     bar = _progress_bar(max_new_tokens) if progress else None
     text = IncrementalText(model.decode)
     generated, finish = [], "length"
-    with Session(model, kv, components["attention"], observer=observer, router=components["router"]) as session:
+    prompt = prompt_ids[0].tolist()
+    started = time.perf_counter()  # step 0's time includes the prefill (or the rest of the prompt after a reused prefix)
+    session = Session(model, kv, components["attention"], observer=observer, router=components["router"])
+    reuse = prefixes.reuse(session, prompt, observer) if prefixes is not None else None
+    if reuse is not None:
+        session = reuse.session
+        session.cache.record_events = recorder.wants_cache_events
+    with session:
         session.listeners.append(recorder.end_forward)
-        started = time.perf_counter()  # step 0's time includes the prefill
-        logits = session.feed(prompt_ids, "prefill")[-1]
+        if reuse is None:
+            logits = session.feed(prompt_ids, "prefill")[-1]
+        else:
+            logits = session.feed(prompt_ids[:, reuse.tokens:], "append")[-1]
         pending: list[int] = []
         sequence, state = prompt_ids[0].tolist(), {}  # read by decoders through ctx.tokens / ctx.state
         while len(generated) < max_new_tokens:
@@ -140,9 +154,11 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
                 break
             pending, logits = [generated[-1]], None
             started = time.perf_counter()
+        if prefixes is not None:
+            prefixes.store(session, prompt + generated[:-1])  # the next turn's prompt starts with this run
     if bar is not None:
         bar.close()
-    return generated, (session.peak_bytes, session.held_peak_bytes), finish
+    return generated, (session.peak_bytes, session.held_peak_bytes), finish, reuse.tokens if reuse else 0
 
 
 def _check_step(decoder, session, tokens, before: int) -> None:

@@ -85,17 +85,17 @@ class Session:
         self.cache = build_cache(self.model, self.policy)
         self.binding.cache = self.cache
 
-    def fork(self) -> Session:
+    def fork(self, observer=None) -> Session:
         """A new session that continues exactly as this one would: a copy of the cache (stores, positions, the
-        policy's statistics and run state), the same model, attention variant and router; no observer and no
-        listeners (what the fork feeds is not this session's record). The policy component is shared, not
+        policy's statistics and run state), the same model, attention variant and router; no listeners and no
+        observer unless given one (what the fork feeds is not this session's record). The policy component is shared, not
         copied: components keep no run state. Needs no open provisional tail (commit or roll back first)."""
         if self.cache.tail_open:
             raise WorkbenchError(f"{self.position - self.committed} provisional tokens are open: commit(n) or "
                                  "rollback(mark) before fork()")
         with torch.inference_mode():  # the stores hold inference tensors
             cache = copy.deepcopy(self.cache, {id(self.cache.policy): self.cache.policy})
-        fork = Session(self.model, cache, self.attention, router=self.router)
+        fork = Session(self.model, cache, self.attention, observer=observer, router=self.router)
         fork.router_state = copy.deepcopy(self.router_state)
         fork.skip_layers = self.skip_layers
         fork.peak_bytes, fork.held_peak_bytes = self.peak_bytes, self.held_peak_bytes
