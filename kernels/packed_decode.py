@@ -72,9 +72,8 @@ import torch
 
 from workbench.errors import ParameterError
 from workbench.kernels.dispatch import HAS_TRITON, interpreting, use_triton
+from workbench.kernels.quantization import BITS, LAYOUTS, dequantize, quantize
 
-LAYOUTS = ("per_channel", "per_token")
-BITS = (2, 4, 8)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROWS = 128  # q_len * groups query rows in one tile
@@ -105,14 +104,7 @@ class PackedKV:
 
     def dequantize(self) -> torch.Tensor:
         """x_hat (kv_heads, T, D) float32."""
-        per_byte = 8 // self.bits
-        channel = torch.arange(self.head_dim, device=self.codes.device)
-        shifts = ((channel % per_byte) * self.bits).to(torch.int32)
-        code = (self.codes[..., channel // per_byte].to(torch.int32) >> shifts) & ((1 << self.bits) - 1)
-        axis = 1 if self.layout == "per_channel" else 2
-        scale = self.scale.float().repeat_interleave(self.group, dim=axis)
-        zero = self.zero.float().repeat_interleave(self.group, dim=axis)
-        return code.float() * scale + zero
+        return dequantize(self.codes, self.scale, self.zero, self.bits, self.group, self.layout)
 
 
 @dataclass
@@ -125,34 +117,13 @@ class PackedDecodeOutput:
 
 def quantize_reference(x: torch.Tensor, *, layout: str, bits: int, group: int,
                        scale_dtype: torch.dtype = torch.float16) -> PackedKV:
-    """The layout's quantizer in plain torch: x (kv_heads, T, D) -> PackedKV (scale and zero rounded to
-    scale_dtype first, codes computed against the stored values). For tests and benchmarks; stores may have their
-    own, as long as they write this layout."""
+    """x (kv_heads, T, D) -> PackedKV, by the workbench's one quantizer (kernels/quantization.py: scale and zero
+    rounded to scale_dtype first, codes computed against the stored values)."""
     if x.dim() != 3:
         raise ParameterError(f"x must be (kv_heads, tokens, head_dim); got {tuple(x.shape)}")
-    kv_heads, tokens, head_dim = x.shape
-    _check_format(layout, bits, group, tokens, head_dim, "x")
-    data = x.float()
-    if layout == "per_channel":
-        grouped = data.view(kv_heads, tokens // group, group, head_dim)
-        low, high = grouped.amin(2), grouped.amax(2)
-    else:
-        grouped = data.view(kv_heads, tokens, head_dim // group, group)
-        low, high = grouped.amin(-1), grouped.amax(-1)
-    levels = (1 << bits) - 1
-    scale = ((high - low) / levels).to(scale_dtype)
-    zero = low.to(scale_dtype)
-    axis = 1 if layout == "per_channel" else 2
-    full_scale = scale.float().repeat_interleave(group, dim=axis)
-    full_zero = zero.float().repeat_interleave(group, dim=axis)
-    safe = torch.where(full_scale == 0, torch.ones_like(full_scale), full_scale)
-    code = torch.where(full_scale == 0, torch.zeros_like(data), ((data - full_zero) / safe).round())
-    code = code.clamp(0, levels).to(torch.int32)
-    per_byte = 8 // bits
-    code = code.view(kv_heads, tokens, head_dim // per_byte, per_byte)
-    shifts = torch.arange(per_byte, device=x.device, dtype=torch.int32) * bits
-    packed = (code << shifts).sum(-1).to(torch.uint8)
-    return PackedKV(packed, scale, zero, layout, bits, group)
+    _check_format(layout, bits, group, x.shape[1], x.shape[2], "x")
+    codes, scale, zero = quantize(x, bits, group, layout, scale_dtype)
+    return PackedKV(codes, scale, zero, layout, bits, group)
 
 
 # -- input checks ---------------------------------------------------------------------------------------------

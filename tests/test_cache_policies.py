@@ -119,7 +119,8 @@ def test_ragged_heads_attend_only_to_what_they_hold(tiny_llama):
 
 
 # What a policy needs, besides budget=400 where it has a budget, to keep and show every token of PROMPT
-COVERING = {"mpcache": {"coarse": 4, "fine": 2, "top_coarse": 4, "top_fine": 8}, "sentence_kv": {"top_sentences": 100}}
+COVERING = {"mpcache": {"coarse": 4, "fine": 2, "top_coarse": 4, "top_fine": 8}, "sentence_kv": {"top_sentences": 100},
+            "kivi": {"residual": 512}, "int_per_token": {"residual": 512}}  # quantized: a residual covering it all
 VARIANTS = [("epicache", {"block": 32, "level": "uniform"}), ("epicache", {"episodes": 3, "segment": 16, "block": 48}),
             ("elastic", {"nearest": "key"})]
 

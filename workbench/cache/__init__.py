@@ -2,7 +2,8 @@
 
     workbench.cache.get("snapkv", budget=128).build(model)  -> a transformers Cache for one run
 
-A cache is a store per layer (workbench.cache.storage: dense or per-KV-head ragged) x a policy (this registry),
+A cache is a store per layer (workbench.cache.storage: dense or per-KV-head ragged; workbench.cache.quantized_store:
+packed quantized) x a policy (this registry),
 and transactional (workbench.cache.kvcache: provisional passes, commit, rollback).
 """
 
@@ -30,16 +31,21 @@ from workbench.cache.elastic import ElasticCache
 from workbench.cache.compresskv import CompressKV
 from workbench.cache.kvcrush import KVCrush
 from workbench.cache.lacache import LaCache
+from workbench.cache.kivi import KIVI
+from workbench.cache.int_per_token import IntPerToken
+from workbench.cache.quantized_store import KiviStore, PerTokenStore, QuantizedStore
 from workbench.registry import Registry
 
 registry = Registry("cache", CachePolicy)
 register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
 POLICIES = (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV, CAKE, LazyEviction, RazorAttention, KVMerger,
-            D2O, MPCache, SentenceKV, EpiCache, Chelsea, ElasticCache, CompressKV, KVCrush, LaCache)
+            D2O, MPCache, SentenceKV, EpiCache, Chelsea, ElasticCache, CompressKV, KVCrush, LaCache,
+            KIVI, IntPerToken)
 for _policy in POLICIES:
     register(_policy)
 
-__all__ = ["CachePolicy", "KVCache", "CacheLayer", "ForwardPass", "DenseStore", "RaggedStore", "EvictionPolicy",
+__all__ = ["CachePolicy", "KVCache", "CacheLayer", "ForwardPass", "DenseStore", "RaggedStore", "QuantizedStore",
+           "KiviStore", "PerTokenStore", "EvictionPolicy",
            "registry", "register",
            "available", "get", "describe", "POLICIES", *(policy.__name__ for policy in POLICIES)]

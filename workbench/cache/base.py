@@ -25,7 +25,7 @@ from workbench.registry import Component
 class CachePolicy(Component):
     """Base of cache policies. Subclasses set `store`, the statistics they need, and override the hooks."""
 
-    store: ClassVar[type[DenseStore]] = DenseStore  # DenseStore: every head keeps the same tokens
+    store: ClassVar[type] = DenseStore  # DenseStore: every head keeps the same tokens (built by `new_store`)
     needs: ClassVar[frozenset[str]] = frozenset()  # attention statistics wanted from every pass
     tentative: ClassVar[bool] = True  # can evict tentatively inside a provisional pass; False for merging ones
     needs_bridge: ClassVar[bool] = True  # acts on attention, so refuses a forward that workbench does not see
@@ -33,7 +33,12 @@ class CachePolicy(Component):
     def build(self, model, forward=None) -> KVCache:
         """A fresh cache for one run of `model`. `forward(ids, observer, attention)` runs one forward pass through a
         workbench session, for policies that measure the model first (workbench.run.build_cache supplies it)."""
-        return KVCache(model.config, self, self.store)
+        return KVCache(model.config, self, self.new_store)
+
+    def new_store(self) -> DenseStore:
+        """A fresh store for one layer: `store()` by default; a policy whose store takes its parameters (the
+        quantized ones: bits, group, residual) builds it here."""
+        return self.store()
 
     @property
     def acts_while_decoding(self) -> bool:

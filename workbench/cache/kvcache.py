@@ -16,13 +16,16 @@ what it would have seen had the tokens come one by one. Each row's tentative sta
   rollback(position) restores the stores, positions and policy statistics exactly as they were when the run was
                      at `position` (any position of the open tail, or the last committed one).
 A prefill, decode or append pass while a tail is open is refused: commit or roll back first.
+A store that compresses what it holds (workbench.cache.quantized_store) compresses committed tokens only: each
+layer tells its store to `settle()` right after a committed pass's update (that pass's attention has its view)
+and at commit, so a tail is never compressed and rollback restores it exactly.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -119,7 +122,10 @@ class CacheLayer(CacheLayerMixin):
             self.freed = [0] * self.store.num_heads
         self.next_position = start + key_states.shape[-2]
         self.is_initialized = True
-        return self.store.view()
+        view = self.store.view()  # what this pass's attention reads: its own tokens as they came
+        if self.tail is None:  # they are final: a compressing store (quantized) may compress them now
+            self.store.settle()
+        return view
 
     def get_seq_length(self) -> int:
         return self.next_position  # transformers derives the next positions and the mask sizes from this
@@ -337,6 +343,7 @@ class CacheLayer(CacheLayerMixin):
             self.store.extra("hidden", False, torch.bool).zero_()
         if accepted and not policy.tentative:  # merging policies evict once, on the committed state
             policy.evict(self, accepted[-1].call, accepted[-1].result)
+        self.store.settle()  # the accepted tokens are final: a compressing store may compress them now
 
 
 def _shallow(state: dict) -> dict:
@@ -347,7 +354,8 @@ def _shallow(state: dict) -> dict:
 class KVCache(Cache):
     """A transformers Cache whose layers keep keys and values in stores and let `policy` decide what stays."""
 
-    def __init__(self, config, policy, store: type[DenseStore] = DenseStore):
+    def __init__(self, config, policy, store: Callable[[], DenseStore] = DenseStore):
+        """store -- builds one layer's store: a store class, or a policy's `new_store` (parameters bound)."""
         text = config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -519,6 +527,16 @@ class KVCache(Cache):
     def nbytes(self) -> int:
         """Bytes the key/value buffers of every layer occupy."""
         return sum(layer.store.nbytes() for layer in self.layers)
+
+    def nbytes_by_component(self) -> dict[str, int]:
+        """`nbytes` by what occupies it, summed over layers: a packed quantized store's codes, scales, zeros and
+        full-precision residual; a dense store's key/value buffers count as `dense`."""
+        total: dict[str, int] = {}
+        for layer in self.layers:
+            parts = getattr(layer.store, "nbytes_by_component", None)
+            for name, size in (parts() if parts else {"dense": layer.store.nbytes()}).items():
+                total[name] = total.get(name, 0) + size
+        return total
 
     def tokens_held(self) -> torch.Tensor:
         """Long (layers, kv_heads): tokens each layer and KV head holds."""

@@ -9,6 +9,7 @@ known on the host, so nothing has to ask the device how much is held). What a st
     slot_positions()              the position each slot holds (-1: padding), None while slot i is position i
     keep(alive, lengths)          keep the slots marked alive (per head, order preserved), free the rest
     crop(position)                drop every slot holding a position >= position (rolling back a tail)
+    settle()                      every token held is committed (a compressing store may compress it now)
     merge(...)                    fold dropped entries into kept ones (merging policies)
     extras                        per-slot statistics of a policy (e.g. accumulated attention), kept aligned with
                                   the slots through keep, crop and growth
@@ -112,6 +113,10 @@ class DenseStore:
             for name, tensor in self.extras.items():
                 tensor[head, slot] = self._fills[name]
         self.lengths = [length + n for length in self.lengths]
+
+    def settle(self) -> None:
+        """Every token held is final (committed): a store that compresses (workbench.cache.quantized_store) may
+        compress them now. A dense store has nothing to do."""
 
     def keep(self, alive: torch.Tensor, lengths: list[int]) -> None:
         """Keep, per head, the slots where `alive` (kv_heads, slots) is True, in their order; `lengths` is how many
