@@ -130,7 +130,11 @@ def covering(name: str, extra: dict) -> wb.cache.CachePolicy:
     return wb.cache.get(name, **({"budget": 400} if has_budget else {}), **COVERING.get(name, {}), **extra)
 
 
-@pytest.mark.parametrize("name,extra", [(n, {}) for n in wb.cache.available() if n != "full"] + VARIANTS)
+LOSSY = {"fp8", "zipcache", "kvquant"}  # every token is kept, but as float8 or low-bit codes from the first pass on
+# (zipcache and kvquant quantize every committed token): no parameter makes them reproduce the full cache
+
+
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in wb.cache.available() if n not in {"full", *LOSSY}] + VARIANTS)
 def test_a_budget_covering_everything_reproduces_the_full_cache(tiny_models, name, extra):
     for family in ("llama", "qwen3_moe", "gemma2"):
         model = tiny_models[family]

@@ -363,3 +363,123 @@ def test_committing_a_tree_path_keeps_it_in_the_residual_like_feeding_it(model):
         assert session.cache.layers[0].store.keys.quantized == 32
         transactions.assert_same(packed_state(session.cache), packed_state(reference.cache), exact=False)
         torch.testing.assert_close(session.feed([7], "decode"), reference.feed([7], "decode"), rtol=1e-4, atol=1e-4)
+
+
+# -- decoding straight from the codes: flash over a packed store ---------------------------------------------------
+def _generate_twice(model, policy, monkeypatch, record=("logits", "entropy")):
+    """(reads, run over the packed codes, run over the dequantized view): the second with the packed path off."""
+    flash = type(wb.attention.get("flash"))
+    reads, attend_packed = [], flash.attend_packed
+
+    def counting(self, call, packed, want):
+        reads.append(packed.keys.tokens)
+        return attend_packed(self, call, packed, want)
+
+    monkeypatch.setattr(flash, "attend_packed", counting)
+    options = dict(cache=policy, attention="flash", max_new_tokens=10, ignore_eos=True, record=list(record))
+    packed = wb.generate(model, PROMPT, **options)
+    monkeypatch.setattr(flash, "reads_packed", False)
+    return reads, packed, wb.generate(model, PROMPT, **options)
+
+
+@pytest.mark.parametrize("name", list(FLUSHING))
+def test_flash_decodes_from_the_packed_codes_as_attention_over_the_dequantized_view(tiny_llama, name, monkeypatch):
+    reads, packed, dense = _generate_twice(tiny_llama, policy(name), monkeypatch)
+    assert len(reads) == 9 * tiny_llama.num_layers and min(reads) > 0  # every decode pass, over quantized tokens
+    assert packed.token_ids == dense.token_ids
+    for variable in ("logits", "attention_entropy"):
+        torch.testing.assert_close(torch.from_numpy(packed.steps[variable].values),
+                                   torch.from_numpy(dense.steps[variable].values), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flash attention does not support")  # soft-capping: flash's dense fallback
+def test_layers_the_kernel_cannot_serve_read_the_dequantized_view(tiny_models, monkeypatch):
+    """Gemma 2 soft-caps its logits and alternates sliding-window layers: flash falls back to the view, exactly."""
+    reads, packed, dense = _generate_twice(tiny_models["gemma2"], policy("kivi"), monkeypatch, record=["logits"])
+    assert reads == []
+    assert packed.token_ids == dense.token_ids
+    assert np.array_equal(packed.steps["logits"].values, dense.steps["logits"].values)
+
+
+def test_only_full_attention_layers_read_the_codes_without_soft_capping(monkeypatch):
+    """The same Gemma 2 without soft-capping: its full-attention layers read the codes, its sliding-window
+    layers (a window mask) the view; the run equals the view-only one."""
+    model = wb.tiny("gemma2", attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=16)
+    full_layers = [i for i, kind in enumerate(model.hf.config.layer_types) if kind == "full_attention"]
+    flash = type(wb.attention.get("flash"))
+    layers, attend_packed = [], flash.attend_packed
+    monkeypatch.setattr(flash, "attend_packed",
+                        lambda self, call, packed, want: layers.append(call.layer) or attend_packed(self, call, packed,
+                                                                                                   want))
+    options = dict(cache=policy("kivi"), attention="flash", max_new_tokens=6, ignore_eos=True, record=["logits"])
+    packed = wb.generate(model, PROMPT, **options)
+    monkeypatch.setattr(flash, "reads_packed", False)
+    dense = wb.generate(model, PROMPT, **options)
+    assert full_layers and sorted(set(layers)) == full_layers and len(layers) == 5 * len(full_layers)
+    assert packed.token_ids == dense.token_ids
+    torch.testing.assert_close(torch.from_numpy(packed.steps["logits"].values),
+                               torch.from_numpy(dense.steps["logits"].values), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_rows_and_shared_kv_layers_read_the_dequantized_view(tiny_llama, monkeypatch):
+    """Recording attention rows needs the whole key matrix; Gemma 3n's last layers reuse the keys and values an
+    earlier layer's update returned, so no update may return a stand-in."""
+    reads, packed, dense = _generate_twice(tiny_llama, policy("kivi"), monkeypatch, record=["attention"])
+    assert reads == [] and packed.token_ids == dense.token_ids
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3nTextConfig(vocab_size=320, vocab_size_per_layer_input=320, hidden_size=128,
+                               hidden_size_per_layer_input=16, intermediate_size=256, num_hidden_layers=4,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_kv_shared_layers=2,
+                               layer_types=["full_attention"] * 4, laurel_rank=8,
+                               activation_sparsity_pattern=[0.0] * 4, altup_num_inputs=2)
+    shared = wb.models.wrap(Gemma3nForCausalLM(config).eval(), wb.models.byte_tokenizer())
+    monkeypatch.setattr(type(wb.attention.get("flash")), "reads_packed", True)
+    reads.clear()
+    over_codes = wb.generate(shared, PROMPT, cache=policy("kivi"), attention="flash", max_new_tokens=6,
+                             ignore_eos=True, record=["logits"])
+    over_view = wb.generate(shared, PROMPT, cache=policy("kivi"), attention="sdpa", max_new_tokens=6,
+                            ignore_eos=True, record=["logits"])
+    assert reads == [] and over_codes.token_ids == over_view.token_ids
+
+
+# -- telemetry: bytes by part, quantization error -------------------------------------------------------------------
+def test_quantization_error_is_measured_against_the_float_keys_and_values(tiny_llama):
+    """Layer 0's keys and values depend on the tokens only, so a full cache fed the same prompt holds the floats the
+    quantized cache started from; the error is recomputed from them with the independent quantizer above."""
+    ids = tiny_llama.encode(PROMPT)
+    with wb.Session(tiny_llama, policy("kivi")) as quantized, wb.Session(tiny_llama, "full") as full:
+        quantized.cache.measure_quant_error()  # off by default: it costs a dequantization per flush
+        quantized.feed(ids, "prefill")
+        full.feed(ids, "prefill")
+        measured = quantized.cache.quant_error()
+        keys, values = (t[0].numpy() for t in full.cache.layers[0].store.view())
+        store = quantized.cache.layers[0].store
+        for side, x, layout, measured_error in ((store.keys, keys, "per_channel", measured[0, 0]),
+                                                (store.values, values, "per_token", measured[0, 1])):
+            x = x[:, :side.quantized]
+            _, scale, zero, code = reference_quantize(x, side.bits, side.group, layout)
+            axis = 1 if layout == "per_channel" else 2
+            x_hat = code * scale.astype(np.float32).repeat(side.group, axis) + \
+                zero.astype(np.float32).repeat(side.group, axis)
+            expected = np.linalg.norm(x - x_hat) / np.linalg.norm(x)
+            assert side.quantized > 0 and float(measured_error) == pytest.approx(expected, rel=1e-4)
+    assert wb.Session(tiny_llama, "full").cache.quant_error() is None  # a float cache does not quantize
+
+
+@pytest.mark.parametrize("cache", ["full", "kivi"])
+def test_the_trace_has_bytes_by_part_and_the_quantization_error(tiny_llama, cache):
+    run = wb.generate(tiny_llama, PROMPT, cache=policy(cache) if cache != "full" else cache, max_new_tokens=6,
+                      ignore_eos=True, record=["cache"])
+    trace = run.trace
+    parts = trace["cache_part_bytes"]
+    assert (parts.sum("cache_part") == trace["cache_bytes"]).all()
+    assert list(trace["cache_part"].values) == (["dense"] if cache == "full" else
+                                                ["codes", "scales", "zeros", "residual"])
+    if cache == "full":
+        assert "kv_quant_error" not in trace
+    else:
+        error = trace["kv_quant_error"]
+        assert error.dims == ("sequence", "step", "layer", "side") and list(trace["side"].values) == ["key", "value"]
+        assert ((error > 0) & (error < 1)).all()  # 2-bit codes of random-model keys: a real, bounded error

@@ -22,7 +22,8 @@ def test_dimensions_and_coordinates_are_named(full_run):
     trace = run.steps
     n_prompt = len(run.prompt_ids)
     assert dict(trace.sizes) == {"step": 6, "forward": 6, "position": n_prompt + 6, "layer": 2, "head": 4,
-                                 "kv_head": 2, "query": n_prompt, "attn_layer": 2, "attn_head": 4, "vocab": 320}
+                                 "kv_head": 2, "query": n_prompt, "attn_layer": 2, "attn_head": 4, "vocab": 320,
+                                 "cache_part": 1}  # a full cache: its `dense` buffers
     assert run.trace.sizes["sequence"] == 1 and all(run.trace[v].dims[0] == "sequence" for v in run.trace.data_vars)
     assert trace["forward_phase"].values.tolist() == ["prefill"] + ["decode"] * 5
     assert trace["forward_of_step"].values.tolist() == list(range(6))  # one forward pass chose each token

@@ -102,6 +102,18 @@ class AttentionVariant(Component):
                 verify pass's ancestor mask); sparse variants choose keys by position and leave it False."""
 
     any_mask = False
+    reads_packed = False  # has `attend_packed`: decodes straight from a packed quantized cache's codes
 
     def attend(self, call: AttentionCall, want: frozenset[str]) -> AttentionResult:
+        raise NotImplementedError
+
+    def serves_packed(self, call: AttentionCall) -> bool:
+        """Whether this layer's options (what transformers passed besides q, k, v) let `attend_packed` compute its
+        attention; they do not change between passes, so False sends the layer to the dequantized view for good."""
+        return False
+
+    def attend_packed(self, call: AttentionCall, packed, want: frozenset[str]) -> AttentionResult:
+        """Attention of a decoding call (plain causal, q_len * groups <= kernels.packed_decode.MAX_ROWS) over
+        `packed` (workbench.cache.quantized_store.PackedLayer) instead of call.key / call.value, with the
+        statistics in `want` ("entropy", "key_mass"). Only for variants with `reads_packed`."""
         raise NotImplementedError

@@ -33,6 +33,11 @@ from workbench.cache.kvcrush import KVCrush
 from workbench.cache.lacache import LaCache
 from workbench.cache.kivi import KIVI
 from workbench.cache.int_per_token import IntPerToken
+from workbench.cache.kvquant import KVQuant
+from workbench.cache.fp8 import Fp8
+from workbench.cache.offload import Offload, offloaded
+from workbench.cache.mikv import MiKV
+from workbench.cache.zipcache import ZipCache
 from workbench.cache.quantized_store import KiviStore, PerTokenStore, QuantizedStore
 from workbench.registry import Registry
 
@@ -41,11 +46,11 @@ register, available, get, describe = registry.register, registry.available, regi
 
 POLICIES = (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV, CAKE, LazyEviction, RazorAttention, KVMerger,
             D2O, MPCache, SentenceKV, EpiCache, Chelsea, ElasticCache, CompressKV, KVCrush, LaCache,
-            KIVI, IntPerToken)
+            KIVI, IntPerToken, KVQuant, Fp8, Offload, MiKV, ZipCache)
 for _policy in POLICIES:
     register(_policy)
 
 __all__ = ["CachePolicy", "KVCache", "CacheLayer", "ForwardPass", "DenseStore", "RaggedStore", "QuantizedStore",
            "KiviStore", "PerTokenStore", "EvictionPolicy",
-           "registry", "register",
+           "registry", "register", "offloaded",
            "available", "get", "describe", "POLICIES", *(policy.__name__ for policy in POLICIES)]

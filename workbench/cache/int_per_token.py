@@ -26,7 +26,8 @@ class IntPerToken(QuantizedPolicy):
                "dequantized cache; here each token is quantized once, in flushes of R, and a prompt of L tokens "
                "leaves L mod R in the residual, so the state is the same whether tokens come in one pass or one at "
                "a time; min/max scales like quanto's MaxOptimizer, stored in float16; 8 bits allowed (quanto: 2 or "
-               "4); the whole cache is dequantized every step for the ordinary attention (as HF does); a "
+               "4); the whole cache is dequantized every step for the ordinary attention (as HF does), except that with "
+               "attention='flash' decoding passes read the packed codes (kernels/packed_decode.py); a "
                "verify/rollout tail stays in full precision until commit")
     store = PerTokenStore
 

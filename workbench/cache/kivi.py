@@ -7,7 +7,8 @@ KIVI (Liu et al., ICML 2024), following its code (jy-yuan/KIVI, models/llama_kiv
   values  quantized per token over groups of G channels: the newest R stay in full precision (a FIFO: each new
           token pushes the oldest residual value into the quantized part); a prompt leaves min(L, R).
   Every pass's attention reads its own new tokens in full precision (the prompt's attention is full precision);
-  they are quantized after it. Asymmetric min/max quantization; paper defaults G = 32, R = 128 (R a multiple of
+  they are quantized after it. With attention="flash", decoding passes read the packed codes through
+  kernels/packed_decode.py (the bridge hands the variant `store.packed()`); otherwise a dequantized view. Asymmetric min/max quantization; paper defaults G = 32, R = 128 (R a multiple of
   G, as the code asserts), 2 bits (KIVI-2; 4 bits: KIVI-4).
 Storage: workbench.cache.quantized_store.KiviStore (packed uint8 codes, float16 scales and zeros).
 """
@@ -28,10 +29,11 @@ class KIVI(QuantizedPolicy):
     summary = ("Keep every token, quantized: keys per channel over groups of G tokens, values per token over groups "
                "of G channels, the newest tokens in full precision (keys flushed R at a time, values a FIFO of R).")
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (Liu et al., ICML 2024)"
-    departs = ("dequantizes the whole cache into a full-precision view every step and runs the ordinary attention "
-               "(HF QuantizedCache does the same): memory is saved between steps, not bandwidth - KIVI's fused "
-               "kernels over the packed codes are not used, and the packed Triton decode kernel is not wired in yet "
-               "(store.packed() gives its input); codes are packed into uint8 along the head dimension on both sides "
+    departs = ("with attention='flash' decoding passes read the packed codes (kernels/packed_decode.py: Triton on a "
+               "GPU, one fused split-K pass instead of KIVI's GEMV + softmax + GEMV; its torch reference, which "
+               "dequantizes, on CPU); other attention variants, the prefill and append passes read a dequantized "
+               "view of the whole cache (as HF QuantizedCache does): memory saved between steps, not bandwidth; "
+               "codes are packed into uint8 along the head dimension on both sides "
                "(KIVI: int32 words, keys packed along tokens); scales and zeros are stored in float16 and codes are "
                "computed against the stored values; a constant group decodes to its minimum (KIVI divides by zero); "
                "8 bits are allowed as well (not in the paper); a verify/rollout tail is kept in full precision until "

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from workbench.attention.base import PHASES, PROVISIONAL
+from workbench.attention.base import DECODING, PHASES, PROVISIONAL
 from workbench.cache.storage import DenseStore, holes_allowed
 from workbench.errors import WorkbenchError
 
@@ -47,6 +47,9 @@ class ForwardPass:
     # an ancestor); None: the pass's tokens are one sequence
     tree: torch.Tensor | None = None
     skipped_layers: frozenset = frozenset()  # decoder layers this pass skips (workbench.run.layers): no new slots
+    # the pass's attention variant reads packed quantized KV itself (`AttentionVariant.reads_packed`): a decoding
+    # pass over a packed store hands transformers only its new tokens, and the bridge the store's packed form
+    packed_attention: bool = False
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -104,6 +107,8 @@ class CacheLayer(CacheLayerMixin):
         self.hidden_count: list[int] = []  # per head: slots hidden by a tentative eviction (open tail only)
         self.freed: list[int] = []  # per head: slots freed one at a time and not compacted yet (holes)
         self.tail: _Tail | None = None
+        self.packed = None  # this pass's packed form of a quantized store, for the bridge (see `update`)
+        self.reads_view = False  # the variant cannot read this layer packed (soft-capping, a sliding window)
         self.events: list[tuple] = []  # (valid-before mask, positions, alive mask, merged_into) per compaction
 
     # -- transformers' cache layer interface ------------------------------------------------------------------
@@ -122,10 +127,19 @@ class CacheLayer(CacheLayerMixin):
             self.freed = [0] * self.store.num_heads
         self.next_position = start + key_states.shape[-2]
         self.is_initialized = True
-        view = self.store.view()  # what this pass's attention reads: its own tokens as they came
+        if self._hands_packed():  # the bridge gives the attention the codes (kernels/packed_decode.py), not a view
+            self.packed = self.store.packed()  # taken before settle: this pass reads its own tokens unquantized
+            view = key_states, value_states  # a stand-in transformers passes on; the bridge reads `packed`
+        else:
+            view = self.store.view()  # what this pass's attention reads: its own tokens as they came
         if self.tail is None:  # they are final: a compressing store (quantized) may compress them now
             self.store.settle()
         return view
+
+    def _hands_packed(self) -> bool:
+        forward = self.cache.current
+        return (forward is not None and forward.packed_attention and forward.phase in DECODING
+                and not self.reads_view and not self.cache.shares_kv and hasattr(self.store, "packed"))
 
     def get_seq_length(self) -> int:
         return self.next_position  # transformers derives the next positions and the mask sizes from this
@@ -359,6 +373,9 @@ class KVCache(Cache):
         text = config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        # layers that reuse another layer's keys and values (Gemma 3n) take what its update returned, so every
+        # update must return the whole cache: no packed stand-ins
+        self.shares_kv = bool(getattr(text, "num_kv_shared_layers", 0))
         super().__init__(layers=[CacheLayer(self, i, store()) for i in range(self.num_layers)])
         self.policy = policy
         self.current: ForwardPass | None = None  # the pass under way
@@ -394,6 +411,8 @@ class KVCache(Cache):
 
     def end_pass(self) -> None:
         forward, self.current = self.current, None
+        for layer in self.layers:
+            layer.packed = None  # a packed form is for its own pass only
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
         if forward is not None and not forward.provisional:
             self.committed = self.position
@@ -505,6 +524,17 @@ class KVCache(Cache):
         """The keys and values the call's queries read (the policy may move keys, see CachePolicy.attended)."""
         return self.policy.attended(self.layers[call.layer], call)
 
+    def take_packed(self, layer_idx: int):
+        """The layer's packed quantized KV (workbench.cache.quantized_store.PackedLayer) when this pass hands the
+        attention its codes instead of a view (ForwardPass.packed_attention); None otherwise. Taken once."""
+        layer = self.layers[layer_idx]
+        packed, layer.packed = layer.packed, None
+        return packed
+
+    def read_view(self, layer_idx: int) -> None:
+        """The attention variant cannot read this layer's packed codes (its options): hand it views from now on."""
+        self.layers[layer_idx].reads_view = True
+
     def slot_positions(self, layer_idx: int) -> torch.Tensor | None:
         return self.layers[layer_idx].store.slot_positions()
 
@@ -537,6 +567,26 @@ class KVCache(Cache):
             for name, size in (parts() if parts else {"dense": layer.store.nbytes()}).items():
                 total[name] = total.get(name, 0) + size
         return total
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether every layer's store quantizes (and can measure what that costs)."""
+        return all(getattr(layer.store, "quantizes", False) for layer in self.layers)
+
+    def measure_quant_error(self) -> None:
+        """From now on the stores measure what quantizing costs (`quant_error`); off by default, since measuring
+        dequantizes every flush once more."""
+        for layer in self.layers:
+            layer.store.measure_error = True
+
+    def quant_error(self) -> torch.Tensor | None:
+        """Float (layers, 2): each layer's relative error ||x - x_hat|| / ||x|| of the keys and of the values it
+        quantized while measuring (NaN where none yet; one host read for all); None for stores that do not
+        quantize."""
+        if not self.quantizes:
+            return None
+        sums = torch.stack([layer.store.error_sums() for layer in self.layers]).cpu().double()  # (layers, side, 2)
+        return (sums[..., 0] / sums[..., 1]).sqrt().float()
 
     def tokens_held(self) -> torch.Tensor:
         """Long (layers, kv_heads): tokens each layer and KV head holds."""

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from workbench.kernels.quantization import bits_per_element, check, dequantize, quantize
+from workbench.cache.ordered_store import OrderedStore
 from workbench.cache.storage import slack
-from workbench.errors import ParameterError, WorkbenchError
+from workbench.errors import ParameterError
 
 FLUSHES = ("chunk", "fifo")
 
@@ -53,10 +54,16 @@ class QuantizedSide:
         self.rows: torch.Tensor | None = None  # the residual buffer (kv_heads, capacity, D), the model's dtype
         self.quantized = 0  # tokens held as codes (the oldest)
         self.first, self.held = 0, 0  # the residual is rows[:, first:first + held]
+        self.error = None  # float32 (2,): squared error and squared norm of every token quantized while measuring
+        self.measure = False  # measure what quantizing costs (QuantizedStore.measure_error)
 
     @property
     def tokens(self) -> int:
         return self.quantized + self.held
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.rows is None else self.rows.device
 
     def _groups(self, tokens: int) -> int:
         """Scale/zero rows covering `tokens` quantized tokens."""
@@ -83,7 +90,8 @@ class QuantizedSide:
         return self.held // self.residual * self.residual
 
     def settle(self) -> None:
-        """Every token held is final: quantize what the flush rule says, and give back spare residual memory."""
+        """Every token held is final: quantize what the flush rule says, and give back spare residual memory
+        (and, when measuring, add what quantizing cost to the running error)."""
         count = self.flushable()
         if count:
             x = self.rows[:, self.first:self.first + count]
@@ -93,9 +101,25 @@ class QuantizedSide:
             self.codes[:, q:q + count] = codes
             self.scale[:, g:g + scale.shape[1]] = scale
             self.zero[:, g:g + zero.shape[1]] = zero
+            if self.measure:
+                self._measure(x, codes, scale, zero)
             self.quantized += count
             self.first, self.held = (self.first + count, self.held - count) if self.held > count else (0, 0)
         self._fit_residual()
+
+    def _measure(self, x: torch.Tensor, codes, scale, zero) -> None:
+        """Add what quantizing x cost to the running error (kept on the device: nothing waits for it)."""
+        x = x.float()
+        x_hat = dequantize(codes, scale, zero, self.bits, self.group, self.layout)
+        error = torch.stack([(x - x_hat).square().sum(), x.square().sum()])
+        self.error = error if self.error is None else self.error + error
+
+    def error_sums(self) -> torch.Tensor:
+        """float32 (2,): the squared error and squared norm of every token quantized while measuring (zeros before
+        any); a crop of quantized tokens does not take theirs back."""
+        if self.error is None:
+            return torch.zeros(2, device=None if self.rows is None else self.rows.device)
+        return self.error
 
     def crop(self, tokens: int) -> None:
         """Keep the first `tokens` tokens. Exact while they are all quantized ones plus part of the residual;
@@ -211,98 +235,33 @@ class PackedLayer:
     residual_keys: torch.Tensor
     residual_values: torch.Tensor
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (1, kv_heads, T + R, D) in the residual's dtype: what `QuantizedStore.view()` gives."""
+        dtype = self.residual_keys.dtype
+        return (torch.cat([self.keys.dequantize().to(dtype), self.residual_keys], 1)[None],
+                torch.cat([self.values.dequantize().to(dtype), self.residual_values], 1)[None])
 
-class QuantizedStore:
+
+class QuantizedStore(OrderedStore):
     """A layer's keys and values, every token kept in order (slot i holds position i), quantized per side."""
 
-    ragged = False
-
-    def __init__(self, keys: QuantizedSide, values: QuantizedSide):
-        self.keys, self.values = keys, values
-        self.lengths: list[int] = []  # per KV head, all equal
-        self.identity = True  # slot i holds position i: always
-        self.extras: dict[str, torch.Tensor] = {}  # no per-slot statistics: the policies keep every token
+    kind = "a quantized store"
+    quantizes = True  # has error_sums(): KVCache.quant_error reads it (a class flag: reading it moves nothing)
 
     @property
-    def sides(self) -> tuple[QuantizedSide, QuantizedSide]:
-        return self.keys, self.values
+    def measure_error(self) -> bool:
+        """Whether the sides measure what quantizing costs (a recorder asks for it: it costs kernels)."""
+        return self.keys.measure
 
-    @property
-    def initialized(self) -> bool:
-        return bool(self.lengths)
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def slots(self) -> int:
-        return max(self.lengths, default=0)
-
-    # -- writing ----------------------------------------------------------------------------------------------
-    def append(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        """Add keys/values (kv_heads, n, head_dim) at positions start.. (the next ones: every token is kept)."""
-        if start != self.slots:
-            raise WorkbenchError(f"a quantized store keeps every token in order: tokens at position {start} cannot "
-                                 f"follow its {self.slots}")
-        self.keys.append(keys)
-        self.values.append(values)
-        self.lengths = [self.keys.tokens] * keys.shape[0]
-
-    def settle(self) -> None:
-        """Every token held is committed: quantize what the flush rules say (see the module docstring)."""
+    @measure_error.setter
+    def measure_error(self, on: bool) -> None:
         for side in self.sides:
-            side.settle()
+            side.measure = on
 
-    def crop(self, position: int, lengths: list[int]) -> None:
-        """Drop the tokens at positions >= `position` (a provisional tail: exact; see the module docstring)."""
-        for side in self.sides:
-            side.crop(position)
-        self.lengths = list(lengths)
-
-    def keep(self, alive: torch.Tensor, lengths: list[int]) -> None:
-        """Keep the slots marked alive (kv_heads, slots): only tokens still in both residuals (a provisional tail,
-        e.g. the accepted path of a tree verify pass) can go; quantized tokens stay."""
-        alive = alive[:, :self.slots]
-        if not (alive == alive[:1]).all():
-            raise WorkbenchError("a quantized store keeps the same tokens on every head")
-        kept = alive[0].nonzero().squeeze(1)
-        quantized = max(side.quantized for side in self.sides)
-        if int(alive[0, :quantized].sum()) != quantized:
-            raise WorkbenchError("a quantized store cannot drop quantized tokens; only unquantized provisional ones")
-        for side in self.sides:
-            side.keep_residual(kept[kept >= side.quantized] - side.quantized)
-        self.lengths = list(lengths)
-
-    def keep_slots(self, index: torch.Tensor, lengths: list[int]) -> None:
-        alive = torch.zeros((self.num_heads, self.slots), dtype=torch.bool, device=index.device)
-        self.keep(alive.scatter_(1, index, True), lengths)
-
-    def merge(self, *args) -> None:
-        raise WorkbenchError("a quantized store does not merge entries")
-
-    def extra(self, name, fill=0.0, dtype=torch.float32, trailing=()):
-        raise WorkbenchError(f"a quantized store keeps no per-slot statistics ({name!r}): its policies keep every "
-                             "token and do not act on attention")
-
-    def snapshot_extras(self) -> dict:
-        return {}
-
-    def restore_extras(self, saved: dict) -> None:
-        pass
-
-    # -- reading ----------------------------------------------------------------------------------------------
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (1, kv_heads, slots, head_dim) in the model's dtype (the quantized part dequantized)."""
-        return self.keys.view()[None], self.values.view()[None]
-
-    def slot_positions(self) -> None:
-        return None  # slot i holds position i
-
-    def all_positions(self) -> torch.Tensor:
-        """Long (kv_heads, slots): the position in each slot (a fresh tensor)."""
-        device = self.keys.rows.device if self.keys.rows is not None else None
-        return torch.arange(self.slots, device=device).repeat(max(self.num_heads, 1), 1)
+    def error_sums(self) -> torch.Tensor:
+        """float32 (2 sides, 2): squared error and squared norm of the keys and values quantized while
+        `measure_error` was on (KVCache.measure_quant_error turns it on)."""
+        return torch.stack([side.error_sums() for side in self.sides])
 
     def packed(self) -> PackedLayer:
         """The layer as the packed decode kernel reads it: both sides quantized over the same first T tokens
@@ -320,15 +279,6 @@ class QuantizedStore:
             residual = torch.cat([side.dequantized(tokens, side.quantized), side.residual_part()], dim=1)
             out.append((PackedKV(codes, scale, zero, side.layout, side.bits, side.group), residual))
         return PackedLayer(out[0][0], out[1][0], out[0][1], out[1][1])
-
-    def nbytes_by_component(self) -> dict[str, int]:
-        """Bytes each part occupies, keys and values together (buffer capacity included)."""
-        parts = [side.nbytes_by_component() for side in self.sides]
-        return {name: sum(part[name] for part in parts) for name in parts[0]}
-
-    def nbytes(self) -> int:
-        """Bytes the packed codes, scales, zeros and residual occupy (capacity included: what memory costs)."""
-        return sum(self.nbytes_by_component().values())
 
     def bits_per_element(self) -> float:
         """Bits one quantized key or value element costs (its code and its share of scale and zero), from the

@@ -32,3 +32,12 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> t
     half = rotated // 2
     turned = torch.cat([-head[..., half:], head[..., :half]], dim=-1)
     return torch.cat([(head * cos + turned * sin).to(keys.dtype), tail], dim=-1)
+
+
+def attention_scaling(hf_model) -> float:
+    """The factor transformers multiplies RoPE's cos and sin by (`attention_scaling` of the rotary embedding: 1 but
+    for YaRN-like scalings), so that a rotated key is rotate(key) * factor."""
+    for module in hf_model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            return float(getattr(module, "attention_scaling", 1.0))
+    return 1.0

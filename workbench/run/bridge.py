@@ -34,6 +34,7 @@ from workbench.attention.base import AttentionCall, AttentionResult, AttentionVa
 from workbench.attention.fidelity import attention_fidelity, kept_keys
 from workbench.cache.kvcache import ForwardPass
 from workbench.errors import WorkbenchError
+from workbench.kernels.packed_decode import MAX_ROWS
 
 IMPLEMENTATION = "workbench"
 PASS_KEYWORD = "workbench_pass"  # the forward keyword argument carrying a BoundPass
@@ -70,6 +71,18 @@ class Binding:
         observer, cache = self.observer, self.cache
         tree = forward.tree is not None  # a tree verify pass: its rows see their ancestors only
         want = observer.wants(layer) if observer is not None else frozenset()
+        packed = cache.take_packed(layer) if cache is not None and forward.packed_attention else None
+        if packed is not None:  # the cache handed transformers a stand-in: the attention reads the packed codes
+            if not self.variant.serves_packed(call):  # this layer's options (soft-capping, a window): for good
+                cache.read_view(layer)
+            elif _plain_decoding(call, packed, want, tree):
+                result = self.variant.attend_packed(call, packed, want)
+                if observer is not None and want:
+                    observer.observe(call, result)
+                if want or cache.policy.needs_bridge:  # as the dense path below does
+                    cache.after_attention(call, result)
+                return result.output
+            call.key, call.value = packed.dense()  # what the variant reads otherwise: the dequantized view
         if not want and not tree and (cache is None or not cache.policy.needs_bridge):  # nothing to do
             return self.variant.attend(call, frozenset()).output
         fidelity, want = FIDELITY in want, want - {FIDELITY}
@@ -114,6 +127,23 @@ class BoundPass:
     binding: Binding
     forward: ForwardPass
     watch: Any = None  # watch(layer, hidden_in, hidden_out, skipped)
+
+
+def _plain_decoding(call: AttentionCall, packed, want: frozenset[str], tree: bool) -> bool:
+    """Whether this call is one the packed decode kernel computes: causal attention over exactly the packed
+    tokens (transformers' mask None or causal: no padding), no tree, no attention rows or dense comparison
+    wanted, the query in the residual's dtype, and its rows within one kernel tile."""
+    if tree or want - {"entropy", "key_mass"} or call.query.dtype != packed.residual_keys.dtype:
+        return False
+    if call.num_queries * call.groups > MAX_ROWS:
+        return False
+    if call.mask is None:
+        return True
+    q, k = call.mask.shape[-2:]
+    if call.mask.dtype != torch.bool or call.mask.shape[:2] != (1, 1) or \
+            k != packed.keys.tokens + packed.residual_keys.shape[1]:
+        return False
+    return torch.equal(call.mask[0, 0], torch.ones(q, k, dtype=torch.bool, device=call.mask.device).tril(k - q))
 
 
 def _per_query_head(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
@@ -231,7 +261,7 @@ def use_attention(model, variant: AttentionVariant | str = "sdpa", observer: Att
         hf_cache = kwargs.get("cache", kwargs.get("past_key_values"))
         start = hf_cache.get_seq_length() if hf_cache is not None else 0
         forward = ForwardPass("prefill" if start == 0 else "decode", start, count,
-                              None if ids is None else ids[0])
+                              None if ids is None else ids[0], packed_attention=binding.variant.reads_packed)
         if cache is not None:
             cache.begin_pass(forward)
         return args, {**kwargs, PASS_KEYWORD: BoundPass(binding, forward)}

@@ -102,6 +102,8 @@ def _loop(model, prompt_ids, components, recorder, max_new_tokens, stop_ids, str
     decoder = components["decoder"]
     kv = build_cache(model, components["cache"])
     kv.record_events = recorder.wants_cache_events
+    if recorder.measures_quant_error and kv.quantizes:
+        kv.measure_quant_error()
     observer = recorder if recorder.observes_attention or recorder.observes_routing or recorder.observes_layers \
         else None
     rng = _generator(decoder, model.device)

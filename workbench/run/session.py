@@ -171,7 +171,8 @@ class Session:
         n = ids.shape[1]
         if n == 0:
             raise WorkbenchError(f"a {phase} pass needs at least one token")
-        forward = ForwardPass(phase, self.position, n, ids[0], skipped_layers=self._skipped_layers(phase))
+        forward = ForwardPass(phase, self.position, n, ids[0], skipped_layers=self._skipped_layers(phase),
+                              packed_attention=self.attention.reads_packed)
         watch = self._layer_watch(forward)
         if forward.skipped_layers or watch is not None:
             layers.wrap(self.model.hf)

@@ -13,6 +13,8 @@ and coordinates:
   attn_layer, attn_head   the layers and heads whose attention rows were recorded
   vocab           token ids, for logits
   rank, expert    an MoE token's chosen experts (best first), and every expert (router logits)
+  cache_part      what the cache's bytes are made of (dense, codes, scales, zeros, residual, ...)
+  side            key, value (a quantized cache's error)
 attrs hold the run's configuration (also as JSON in attrs["config"]), so a saved trace says how it was made.
 """
 
@@ -39,7 +41,8 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
     sizes = {"step": n_steps, "forward": recorder.forwards, "position": n_positions, "query": n_prompt,
              "layer": recorder.num_layers, "head": recorder.num_heads, "kv_head": num_kv_heads,
              "attn_layer": len(recorder.attention_layers), "attn_head": len(recorder.attention_heads),
-             "vocab": vocab_size, "rank": recorder.max_rank, "expert": recorder.routing.num_experts}
+             "vocab": vocab_size, "rank": recorder.max_rank, "expert": recorder.routing.num_experts,
+             "cache_part": len(recorder.cache_parts), "side": 2}
     coords = {
         "sequence": np.arange(1),
         "step": np.arange(n_steps),
@@ -72,6 +75,10 @@ def build_dataset(recorder: Recorder, *, prompt_tokens: list[str], tokens: list[
                 coords["query"] = np.arange(n_prompt)
             elif dim in ("vocab", "rank", "expert"):
                 coords[dim] = np.arange(sizes[dim])
+            elif dim == "cache_part":
+                coords["cache_part"] = np.array(recorder.cache_parts, dtype=object)
+            elif dim == "side":
+                coords["side"] = np.array(["key", "value"], dtype=object)
     dataset = xr.Dataset(data, coords=coords, attrs=_netcdf_attrs(attrs))
     for variable in schema.variables(recorder.spec.names):
         if variable.name in dataset:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from workbench.errors import ParameterError
+from workbench.errors import ParameterError, WorkbenchError
 from workbench.trace import schema
 from workbench.trace.layer_records import LayerRecords
 from workbench.trace.routing_records import RoutingRecords
@@ -126,7 +126,9 @@ class Recorder:
         self.observes_routing = bool(names & {"routing", "router_logits"})  # the router bridge's observer protocol
         self.routing = RoutingRecords(num_layers, logits="router_logits" in names)
         self.observes_layers = "layers" in names  # the layer bridge's observer protocol (workbench.run.layers)
+        self.measures_quant_error = "cache" in names  # generate turns on the stores' error measurement
         self.layers = LayerRecords(num_layers)
+        self.cache_parts: list[str] = []  # the `cache_part` coordinate: what KVCache.nbytes_by_component names
         self.max_rank = 0  # the most experts any token used in one layer (the trace's `rank` size)
         self.wants_cache_events = bool(names & {"cache", "fidelity"})  # fidelity measures attention on evictions
         self.enabled = {v.name for v in schema.variables(names)}
@@ -283,6 +285,15 @@ class Recorder:
             records["cache_tokens"] = cache.tokens_held().numpy()
             self.record("cache_bytes", records["cache_bytes"])
             self.record("cache_tokens", records["cache_tokens"])
+            parts = cache.nbytes_by_component()
+            self.cache_parts = self.cache_parts or list(parts)  # a store reports the same parts every time
+            if set(parts) - set(self.cache_parts):
+                raise WorkbenchError(f"the cache's parts changed during the run: {list(parts)} after "
+                                     f"{self.cache_parts} (a store must name every part from its first pass)")
+            self.record("cache_part_bytes", np.array([parts.get(name, 0) for name in self.cache_parts], np.int64))
+            error = cache.quant_error()
+            if error is not None:
+                self.record("kv_quant_error", error.numpy())
         accepted = self.along.get("verify_accepted", [])
         if len(accepted) == self.forwards and accepted[-1] >= 0:  # the step ended with a verify pass (live views)
             records["verify_drafted"], records["verify_accepted"] = self.along["verify_drafted"][-1], accepted[-1]
