@@ -122,6 +122,9 @@ def test_a_budget_covering_everything_gives_the_full_cache_perplexity(tiny_llama
     assert small.held_cache_bytes < full.held_cache_bytes
 
 
+READS_ITS_OWN_CODES = {"fp8"}  # the prefill's attention reads what the cache stores: replay refuses, a real one runs
+
+
 @pytest.mark.parametrize("policy", wb.cache.available())
 def test_a_replayed_prefill_leaves_the_cache_a_real_prefill_leaves(tiny_llama, policy):
     sample = Perplexity(context=120, continuation=6).make(tiny_llama, 0)
@@ -131,7 +134,7 @@ def test_a_replayed_prefill_leaves_the_cache_a_real_prefill_leaves(tiny_llama, p
     for replay in (False, True, True):  # the second replay reuses the statistics the first one computed
         with wb.Session(tiny_llama, wb.cache.get(policy, **params)) as session:
             logits, replayed = prefill(session, sample.context_ids, record if replay else None)
-            assert replayed == replay
+            assert replayed == (replay and policy not in READS_ITS_OWN_CODES)
             held = [[p.tolist() for p in session.cache.positions(layer)] for layer in range(tiny_llama.num_layers)]
             caches.append((logits, held, session.cache.nbytes(),
                            session.feed(sample.continuation_ids[:3], "append")))
