@@ -281,11 +281,11 @@ class Recorder:
             records["cache_events"] = self.evictions[len(self.evictions) - len(events):]  # for live views
             records["cache_positions"] = cache.position  # positions given to the cache so far
         if "cache_bytes" in self.enabled and cache is not None:
-            records["cache_bytes"] = cache.nbytes()
+            parts = cache.nbytes_by_component()  # what nbytes() sums: one walk over the stores for both
+            records["cache_bytes"] = sum(parts.values())
             records["cache_tokens"] = cache.tokens_held().numpy()
             self.record("cache_bytes", records["cache_bytes"])
             self.record("cache_tokens", records["cache_tokens"])
-            parts = cache.nbytes_by_component()
             self.cache_parts = self.cache_parts or list(parts)  # a store reports the same parts every time
             if set(parts) - set(self.cache_parts):
                 raise WorkbenchError(f"the cache's parts changed during the run: {list(parts)} after "
