@@ -85,14 +85,15 @@ def source_rows(page, selector: str, column: str) -> list[int]:
     return [columns[column][0] for columns in page.evaluate(SOURCE_COLUMNS, selector) if column in columns]
 
 
-def wait_for_rows(page, selector: str, column: str, timeout_ms: int) -> list[int]:
-    """source_rows once a source with `column` holds a row (the kernel's last redraw can trail the result line
-    on a busy machine), or after timeout_ms."""
+def wait_for_rows(page, selector: str, column: str, timeout_ms: int, at_least: int = 1) -> list[int]:
+    """source_rows once a source with `column` holds `at_least` rows (the browser can draw the kernel's last
+    redraw after the status and result line on a busy machine), or after timeout_ms."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    filled = f"([selector, column]) => ({SOURCE_COLUMNS})(selector).some(c => column in c && c[column][0] > 0)"
+    filled = (f"([selector, column, at_least]) => ({SOURCE_COLUMNS})(selector)"
+              ".some(c => column in c && c[column][0] >= at_least)")
     try:
-        page.wait_for_function(filled, arg=[selector, column], timeout=timeout_ms)
+        page.wait_for_function(filled, arg=[selector, column, at_least], timeout=timeout_ms)
     except PlaywrightTimeout:
         pass  # the caller's assertion says what is missing
     return source_rows(page, selector, column)
@@ -168,14 +169,17 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             panel.locator(".widget-button", has_text="Run").click()
             panel.locator(".workbench-status", has_text="done").wait_for(timeout=RUN_SECONDS * 1000)
             panel.locator(".workbench-results .bk-Canvas").first.wait_for(timeout=60_000)
+            rows = wait_for_rows(page, ".workbench-live", "entropy", timeout_ms=30_000, at_least=6)
             page.wait_for_timeout(1000)  # let the last redraw paint
-
-            rows = source_rows(page, ".workbench-live", "entropy")
             assert rows == [6], f"the live entropy curve should hold the 6 generated steps; its source holds {rows}"
             # the latest token's attention row over every position it saw, and the cache raster: 6 steps x the
             # positions given to the cache (the prompt and the 5 tokens fed back)
             [seen] = source_rows(page, ".workbench-live", "weight")
-            shapes = image_shapes(page, ".workbench-live")
+            for _ in range(30):  # the raster's update is the flush's last message: it may still be on its way
+                shapes = image_shapes(page, ".workbench-live")
+                if [6, seen] in shapes:
+                    break
+                page.wait_for_timeout(1000)
             assert [6, seen] in shapes, f"the live cache raster should be 6 steps x {seen} positions: {shapes}"
             assert live.screenshot() != before, "the live plots look the same after a run"
             assert "6 tokens" in panel.inner_text() and panel.locator(".workbench-error").count() == 0
