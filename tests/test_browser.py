@@ -174,8 +174,8 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             assert rows == [6], f"the live entropy curve should hold the 6 generated steps; its source holds {rows}"
             # the latest token's attention row over every position it saw, and the cache raster: 6 steps x the
             # positions given to the cache (the prompt and the 5 tokens fed back)
-            [seen] = source_rows(page, ".workbench-live", "weight")
-            for _ in range(30):  # the raster's update is the flush's last message: it may still be on its way
+            for _ in range(30):  # the row's and the raster's redraws may arrive in either order, and late
+                [seen] = source_rows(page, ".workbench-live", "weight")
                 shapes = image_shapes(page, ".workbench-live")
                 if [6, seen] in shapes:
                     break
