@@ -19,7 +19,8 @@ from workbench.eval.tasks import encode
 
 # MPCache's decode-time cluster selection saves compute, not bytes, and ignores the budget: to cover everything it
 # must also select every cluster (its default selects half of them).
-COVERING = {"mpcache": {"top_coarse": 8, "top_fine": 32}}
+COVERING = {"mpcache": {"top_coarse": 8, "top_fine": 32},
+            "shadowkv": {"rank": 4096}}  # its keys are a truncated SVD: a rank above the key width keeps them
 # lazy_eviction keeps the prompt until it has observed `every` steps: with every=1 it evicts at the first one;
 # knorm and d2o leave layers 0 and 1 whole by default, which is all of the tiny model
 SMALL = {"lazy_eviction": {"every": 1}, "knorm": {"full_layers": ""}, "d2o": {"full_layers": ""}}
@@ -122,7 +123,9 @@ def test_a_budget_covering_everything_gives_the_full_cache_perplexity(tiny_llama
     assert small.held_cache_bytes < full.held_cache_bytes
 
 
-READS_ITS_OWN_CODES = {"fp8"}  # the prefill's attention reads what the cache stores: replay refuses, a real one runs
+# the prefill's attention reads what the cache stores (xquant: keys and values rematerialized from X, ~1e-6 off):
+# replay refuses, a real one runs
+READS_ITS_OWN_CODES = {"fp8", "xquant"}
 
 
 @pytest.mark.parametrize("policy", wb.cache.available())

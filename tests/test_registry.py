@@ -34,7 +34,8 @@ def test_every_component_a_family_defines_is_registered_and_builds(family):
 
 
 def test_unknown_name_lists_registered_members():
-    with pytest.raises(wb.UnknownComponentError, match="unknown attention 'nope'; registered: block_sparse, eager, "):
+    with pytest.raises(wb.UnknownComponentError,
+                       match="unknown attention 'nope'; registered: ape, block_sparse, eager, "):
         wb.attention.get("nope")
     with pytest.raises(wb.UnknownComponentError, match="unknown decoder 'nope'; registered: .*, greedy, .*, sample,"):
         wb.decode.get("nope")

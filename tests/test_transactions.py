@@ -18,6 +18,7 @@ PARAMS = {  # every policy, set to act within a few steps (small budgets, select
     "mpcache": dict(SMALL, coarse=2, fine=2, top_coarse=1, top_fine=2),
     "sentence_kv": dict(SMALL, top_sentences=1),
     "h2o_prefill_only": dict(SMALL, compress="prefill"),
+    "shadowkv": dict(budget=8, rank=8, outlier_chunks=1, local_chunks=2),  # 6 chunks of 8: 1 outlier, 1 of 5 read
 }
 MERGING = {"kvmerger", "d2o", "razor_attention"}  # merges cannot be tentative: they evict once at commit
 KL_BOUND = {"kvmerger": 0.05, "d2o": 0.25, "razor_attention": 0.05}  # nats, on the tiny random model

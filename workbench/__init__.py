@@ -10,17 +10,19 @@ from workbench import attention, cache, decode, routers, run, trace  # component
 from workbench.errors import ModelLoadError, ParameterError, PromptError, UnknownComponentError, WorkbenchError
 from workbench.families import FAMILIES
 from workbench.models import Model, load, moefy, tiny, wrap
-from workbench.run import PrefixCache, Run, Session, StepEvent, generate, use_attention
+from workbench.run import ChunkCache, PrefixCache, Run, Session, StepEvent, ape, cacheblend, generate, use_attention
 from workbench.trace import RECORDABLE, load_trace
 from workbench.version import __version__
 
 __all__ = ["attention", "cache", "decode", "routers", "run", "trace", "FAMILIES", "Model", "load", "moefy", "tiny",
-           "wrap", "generate", "PrefixCache", "Session", "use_attention", "Run", "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError",
+           "wrap", "generate", "PrefixCache", "ChunkCache", "cacheblend", "ape", "Session", "use_attention", "Run",
+           "StepEvent", "RECORDABLE", "load_trace", "WorkbenchError",
            "UnknownComponentError", "ParameterError", "PromptError", "ModelLoadError", "__version__"]
 
 
 def __getattr__(name: str):
-    """`wb.viz`, `wb.report`, `wb.sweep` and `wb.Workbench` import HoloViews/ipywidgets on first use, not at `import workbench`."""
+    """`wb.viz`, `wb.report`, `wb.sweep` and `wb.Workbench` import HoloViews/ipywidgets on first use, not at
+    `import workbench`."""
     if name in ("viz", "report", "widgets"):
         import importlib
 

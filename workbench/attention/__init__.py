@@ -7,9 +7,11 @@
 Dense: eager, sdpa, flash (fused Triton kernel with statistics). Sparse (a kept-key mask per query, run inside
 the flash kernel's tiling on GPU, by the dense reference on CPU): sliding_window, sink_window, hybrid,
 block_sparse, pbs, topk_retrieval. Changed attention functions: mpcvit (softmax-free heads), entropy_guided
-(entropy-based temperature per head).
+(entropy-based temperature per head), ape (a temperature and scaling of parallel-encoded contexts, for
+workbench.run.parallel_encoding; dense elsewhere).
 """
 
+from workbench.attention.ape import APE
 from workbench.attention.base import AttentionCall, AttentionResult, AttentionVariant
 from workbench.attention.block_sparse import BlockSparse
 from workbench.attention.eager import Eager
@@ -28,7 +30,7 @@ registry = Registry("attention", AttentionVariant)
 register, available, get, describe = registry.register, registry.available, registry.get, registry.describe
 
 VARIANTS = (Eager, SDPA, Flash, SlidingWindow, SinkWindow, Hybrid, BlockSparse, PBS, TopKRetrieval, MPCViT,
-            EntropyGuided)
+            EntropyGuided, APE)
 for variant in VARIANTS:
     register(variant)
 

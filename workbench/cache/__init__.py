@@ -38,6 +38,8 @@ from workbench.cache.fp8 import Fp8
 from workbench.cache.offload import Offload, offloaded
 from workbench.cache.mikv import MiKV
 from workbench.cache.zipcache import ZipCache
+from workbench.cache.shadowkv import ShadowKV
+from workbench.cache.xquant import XQuant
 from workbench.cache.quantized_store import KiviStore, PerTokenStore, QuantizedStore
 from workbench.registry import Registry
 
@@ -46,7 +48,7 @@ register, available, get, describe = registry.register, registry.available, regi
 
 POLICIES = (Full, StreamingLLM, H2O, SnapKV, TOVA, KNorm, PyramidKV, CAKE, LazyEviction, RazorAttention, KVMerger,
             D2O, MPCache, SentenceKV, EpiCache, Chelsea, ElasticCache, CompressKV, KVCrush, LaCache,
-            KIVI, IntPerToken, KVQuant, Fp8, Offload, MiKV, ZipCache)
+            KIVI, IntPerToken, KVQuant, Fp8, Offload, MiKV, ZipCache, XQuant, ShadowKV)
 for _policy in POLICIES:
     register(_policy)
 
