@@ -7,7 +7,9 @@ On the embedded SmolLM2-135M (CPU, float32), for each configuration:
   passkey     retrieval accuracy at --passkey tokens (greedy reply);
   bytes       what the cache holds after the context's prefill, by part, and bits per key/value element held
               (codes, scales, zeros and the full-precision residual all counted).
-Eviction policies run at the token budget whose bytes equal kivi-2's after the context (equal memory).
+Eviction policies run at the token budget whose bytes equal kivi-2's after the context, and the mixed-precision
+caches (mikv, zipcache) at kivi-2's bytes (equal memory). xquant (the layer input, K and V recomputed) and
+shadowkv (low-rank keys; it saves bandwidth, not bytes) are scored beside them.
 HF's QuantizedCache (quanto backend: keys and values per token, the whole cache dequantized every step) is scored
 the same way on the same samples when optimum-quanto is installed (`.venv/bin/pip install optimum-quanto`; its C++
 extension compiles once, about two minutes).
@@ -32,7 +34,10 @@ from workbench.eval.harness import first_prompt
 from workbench.eval.tasks import Passkey, Perplexity
 
 QUANTIZED = [("kivi", {"bits": 4}), ("kivi", {"bits": 2}),
-             ("int_per_token", {"bits": 8}), ("int_per_token", {"bits": 4}), ("int_per_token", {"bits": 2})]
+             ("int_per_token", {"bits": 8}), ("int_per_token", {"bits": 4}), ("int_per_token", {"bits": 2}),
+             ("kvquant", {"bits": 4}), ("kvquant", {"bits": 3}), ("kvquant", {"bits": 2}), ("fp8", {}),
+             ("xquant", {"bits": 8}), ("xquant", {"bits": 4}), ("xquant", {"bits": 2}), ("shadowkv", {})]
+MIXED = ["mikv", "zipcache"]  # at kivi-2's bytes (budget_bytes)
 EVICTING = ["snapkv", "h2o", "streaming_llm"]
 TARGETS = {"kivi(bits=4)": 0.1, "kivi(bits=2)": 1.0}
 
@@ -112,8 +117,8 @@ def main(argv=None) -> None:
     budget = round(kivi2 / (full / len(context)))  # tokens per layer and KV head holding kivi-2's bytes
     print(f"{len(context)}-token context: full cache {full / 2**20:.2f} MiB, kivi-2 {kivi2 / 2**20:.2f} MiB -> "
           f"eviction at budget {budget} (equal memory)\n", file=sys.stderr)
-    configs = ["full", *QUANTIZED, *((name, {"budget": budget, "window": 16}) for name in EVICTING),
-               *parse_extra(args.extra)]
+    configs = ["full", *QUANTIZED, *((name, {"budget_bytes": kivi2}) for name in MIXED),
+               *((name, {"budget": budget, "window": 16}) for name in EVICTING), *parse_extra(args.extra)]
     ds = wb.eval.evaluate(model, configs, tasks, seeds=args.seeds)
 
     rows = []

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER_FOR_TESTS = "WORKBENCH_TESTS_SET_TRITON_INTERPRET"
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ[INTERPRETER_FOR_TESTS] = "1"  # set here, for the kernel tests only (notebooks/conftest.py)
 
 import workbench as wb  # noqa: E402  (after TRITON_INTERPRET)
 from workbench.kernels import HAS_TRITON  # noqa: E402

@@ -180,3 +180,13 @@ def test_full_rank_covering_budget_decodes_as_the_full_cache(embedded):
     run = wb.generate(embedded, prompt, cache=cache, max_new_tokens=8, ignore_eos=True)
     assert len(run.prompt_ids) // 8 - 1 - 1 > 1  # context chunks beyond the outlier one: compressed, then read
     assert run.token_ids == full.token_ids
+
+
+def test_the_trace_counts_compressed_tokens_as_held(tiny_llama):
+    """Nothing is dropped: after every step each layer and KV head holds every token fed so far, dense or compressed,
+    and the eviction log agrees."""
+    run = wb.generate(tiny_llama, PROMPT, cache="shadowkv", max_new_tokens=4, ignore_eos=True, record=["cache"])
+    held = run.steps["cache_tokens"].values  # (step, layer, kv_head)
+    fed = len(run.prompt_ids) + torch.arange(held.shape[0])  # the prompt, then one token per decoding step
+    assert (held == fed.numpy()[:, None, None]).all()
+    assert (wb.trace.cache_alive(run.steps).sum("position").values == held).all()

@@ -589,8 +589,10 @@ class KVCache(Cache):
         return (sums[..., 0] / sums[..., 1]).sqrt().float()
 
     def tokens_held(self) -> torch.Tensor:
-        """Long (layers, kv_heads): tokens each layer and KV head holds."""
-        return torch.tensor([layer.held for layer in self.layers], dtype=torch.long)
+        """Long (layers, kv_heads): tokens each layer and KV head holds: its slots, plus the tokens a store keeps
+        in another form outside them (`store.tokens_off_slots()`, e.g. shadowkv's compressed chunks)."""
+        return torch.tensor([[n + off for n, off in zip(layer.held, _off_slots(layer))] for layer in self.layers],
+                            dtype=torch.long)
 
     def positions(self, layer_idx: int) -> list[torch.Tensor]:
         """Per KV head, the positions layer `layer_idx` holds (ascending)."""
@@ -611,3 +613,10 @@ class KVCache(Cache):
                                     None if merged_into is None else merged_into[head][mask]))
             layer.events = []
         return out
+
+
+def _off_slots(layer) -> list[int]:
+    """Per KV head, the tokens the layer's store holds outside its slots (0 for stores that keep every token in
+    one)."""
+    count = getattr(layer.store, "tokens_off_slots", None)
+    return count() if count is not None else [0] * len(layer.held)

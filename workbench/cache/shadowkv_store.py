@@ -129,6 +129,11 @@ class ShadowKVStore(DenseStore):
         return keys, values, positions
 
     # -- accounting -----------------------------------------------------------------------------------------------
+    def tokens_off_slots(self) -> list[int]:
+        """Per KV head, the prefill tokens kept compressed (the landmarks' chunks): still held, in another form."""
+        landmarks = 0 if self.shadow is None else self.shadow.chunks.shape[1]
+        return [landmarks * self.chunk_size] * self.num_heads
+
     def nbytes_by_component(self) -> dict[str, int]:
         parts = {"dense": super().nbytes()}
         if self.shadow is not None:
