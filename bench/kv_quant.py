@@ -6,7 +6,9 @@ On the embedded SmolLM2-135M (CPU, float32), for each configuration:
               while generating), and its difference from the full cache's;
   passkey     retrieval accuracy at --passkey tokens (greedy reply);
   bytes       what the cache holds after the context's prefill, by part, and bits per key/value element held
-              (codes, scales, zeros and the full-precision residual all counted).
+              (codes, scales, zeros and the full-precision residual all counted);
+  decode      greedy decode tokens/s after the context and its ratio to the full cache's (bench/cache.py's
+              `Decoding`: one warm-up burst, then --repeats timed bursts per cache, interleaved; the median).
 Eviction policies run at the token budget whose bytes equal kivi-2's after the context, and the mixed-precision
 caches (mikv, zipcache) at kivi-2's bytes (equal memory). xquant (the layer input, K and V recomputed) and
 shadowkv (low-rank keys; it saves bandwidth, not bytes) are scored beside them.
@@ -27,9 +29,12 @@ import importlib.util
 import math
 import sys
 
+import statistics
+
 import torch
 
 import workbench as wb
+from cache import Decoding  # bench/cache.py: this directory is on sys.path when a script here runs
 from workbench.eval.harness import first_prompt
 from workbench.eval.tasks import Passkey, Perplexity
 
@@ -50,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=2, help="samples per task (default 2)")
     parser.add_argument("--extra", default="", help="more policies, comma-separated name or name:key=value;...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens per timed decode burst (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed decode bursts per cache")
     return parser.parse_args(argv)
 
 
@@ -163,13 +170,41 @@ def main(argv=None) -> None:
         delta = next(ppl - base for name, _, _, ppl, _, _ in rows if name == label)
         print(f"target {label}: perplexity {delta:+.3f} vs full (within {limit}): {'met' if delta <= limit else 'MISSED'}")
     print(f"\n({args.seeds} seeds; perplexity context {args.context} + {args.continuation} tokens)")
+    if args.decode_tokens:
+        decode_speeds(model, configs, context, args.decode_tokens, args.repeats)
+
+
+def decode_speeds(model, configs, context: list[int], tokens: int, repeats: int) -> None:
+    """Greedy decode tokens/s of every cache after `context`, interleaved bursts, against the full cache."""
+    runs = {}
+    for entry in configs:
+        name, params = (entry, {}) if isinstance(entry, str) else entry
+        runs[_label(name, params)] = Decoding(model, wb.cache.get(name, **params))
+    for run in runs.values():
+        run.prefill(context)
+        run.burst(tokens)  # warm-up
+    speeds = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            speeds[label].append(tokens / run.burst(tokens)[0])
+    full = statistics.median(speeds["full"])
+    print(f"\ndecode after {len(context)} tokens ({tokens}-token bursts, median of {repeats}, interleaved):")
+    print("| cache | tokens/s | vs full |\n|---|---|---|")
+    for label, values in speeds.items():
+        median = statistics.median(values)
+        print(f"| {label} | {median:.1f} | {median / full:.2f}x |")
+
+
+def _label(name: str, params: dict) -> str:
+    """The label wb.eval gives a configuration (its budget is an axis of its own)."""
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "budget")
+    return f"{name}({extra})" if extra else name
 
 
 def _config(configs, label: str) -> tuple[str, dict]:
     for entry in configs:
         name, params = (entry, {}) if isinstance(entry, str) else entry
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "budget")
-        if label == (f"{name}({extra})" if extra else name):
+        if label == _label(name, params):
             return name, params
     raise KeyError(label)
 
