@@ -199,7 +199,8 @@ def test_quickstart_renders_widget_and_live_plots(lab, chromium):
             # the status still says "done" from the first run: wait for this run's result line instead
             page.wait_for_function("() => /12 tokens, [0-9.]+ tok\\/s, finish/.test("
                                    "document.querySelector('.workbench-panel').innerText)", timeout=RUN_SECONDS * 1000)
-            [verifies] = wait_for_rows(page, ".workbench-live", "tokens", timeout_ms=30_000)
+            # a busy machine has been seen to draw this redraw more than 30 s after the result line
+            [verifies] = wait_for_rows(page, ".workbench-live", "tokens", timeout_ms=90_000)
             assert verifies > 0, f"the live acceptance curve received no verify pass; the panel says {panel.inner_text()}"
             panel.screenshot(path=ARTIFACTS / "workbench_panel_speculative.png")
         finally:
