@@ -26,13 +26,17 @@ class QuantizedPolicy(CachePolicy):
     needs_bridge = False  # nothing to evict: works in any forward, with or without workbench's attention
 
     def build(self, model, forward=None) -> KVCache:
-        dim = head_dim(model)
-        if dim % self.group:
-            divisors = [d for d in range(1, dim + 1) if dim % d == 0]
-            raise ParameterError(f"cache '{self.name}' parameter 'group' is {self.group}: it must divide the "
-                                 f"model's head dimension {dim} (per-token groups are channels of one head); allowed: "
-                                 f"{', '.join(map(str, divisors))}")
-        if dim * self.bits % 8:
-            raise ParameterError(f"cache '{self.name}': {self.bits}-bit codes of a head dimension of {dim} do not "
-                                 "fill whole bytes")
+        check_packing(self, head_dim(model), "the model's head dimension", "channels of one head")
         return KVCache(model.config, self, self.new_store)
+
+
+def check_packing(policy, width: int, what: str, groups: str) -> None:
+    """One-line errors unless `policy.group` divides the `width`-wide stream it quantizes per token (`what` it is,
+    `groups`: what a per-token group holds) and `policy.bits`-bit codes of it fill whole bytes."""
+    if width % policy.group:
+        divisors = [d for d in range(1, width + 1) if width % d == 0]
+        raise ParameterError(f"cache '{policy.name}' parameter 'group' is {policy.group}: it must divide {what} "
+                             f"{width} (per-token groups are {groups}); allowed: {', '.join(map(str, divisors))}")
+    if width * policy.bits % 8:
+        raise ParameterError(f"cache '{policy.name}': {policy.bits}-bit codes of {what} {width} do not fill whole "
+                             "bytes")

@@ -25,6 +25,8 @@ import torch
 
 from workbench.cache.base import CachePolicy
 from workbench.cache.kvcache import KVCache
+from workbench.cache.mixed_precision_store import head_dim
+from workbench.cache.quantized import check_packing
 from workbench.cache.rope import attention_scaling, inverse_frequencies
 from workbench.cache.xquant_store import Rematerializer, XQuantStore
 from workbench.errors import ParameterError, UnsupportedError, WorkbenchError
@@ -152,17 +154,12 @@ class XQuant(CachePolicy):
 
     def build(self, model, forward=None) -> KVCache:
         form = chosen_form(model, self.form)
-        text = model.text_config
-        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        width = text.hidden_size if form == "x" else min(text.hidden_size, kv_heads * head_dim)  # the SVD's rank
-        if form == "svd" and width % self.group:
-            divisors = [d for d in range(1, width + 1) if width % d == 0]
-            raise ParameterError(f"cache 'xquant' parameter 'group' is {self.group}: it must divide the latent "
-                                 f"width {width} (kv_heads x head_dim; per-token groups are its channels); allowed: "
-                                 f"{', '.join(map(str, divisors))}")
-        if width * self.bits % 8:
-            raise ParameterError(f"cache 'xquant': {self.bits}-bit codes of a {width}-wide stream do not fill whole "
+        hidden = model.text_config.hidden_size
+        if form == "svd":  # the SVD's rank: the latent width
+            check_packing(self, min(hidden, model.num_kv_heads * head_dim(model)), "the latent width",
+                          "channels of kv_heads x head_dim")
+        elif hidden * self.bits % 8:
+            raise ParameterError(f"cache 'xquant': {self.bits}-bit codes of a {hidden}-wide stream do not fill whole "
                                  "bytes")
         layers = rematerializers(model, form)
         install_capture(model.hf)
