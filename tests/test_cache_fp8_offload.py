@@ -5,9 +5,7 @@ against a dense forward whose attention rounds keys and values to fp8 itself (a 
 registered here, no cache); offloaded runs against the same policy without offloading, with real host copies
 made on CPU (mode "copy") so that every move is exercised without a GPU."""
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,10 @@ from workbench.cache.offload import Offload
 from workbench.cache.offload_store import OffloadedStore, offload
 from workbench.cache.storage import DenseStore
 from workbench.errors import ParameterError, UnknownComponentError
+
+from transaction_checks import (check_a_verify_pass_committed_in_part_equals_one_by_one,
+                                check_rollback_restores_the_exact_state_at_any_mark)
+from transaction_checks import policy as base_policy  # small budgets that act within a few steps
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -297,16 +299,6 @@ def test_gpu_prefetch_overlaps_and_reproduces_the_inner_policy(name):
 
 
 # -- transactions: the core transaction tests, run for fp8 and for offloaded policies (copying) -------------------
-def _transactions():
-    path = Path(__file__).parent / "test_transactions.py"
-    spec = importlib.util.spec_from_file_location("_fp8_offload_transactions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-transactions = _transactions()
-base_policy = transactions.policy  # its parameters for every policy (small budgets that act within a few steps)
 POLICIES = {
     "fp8": lambda: wb.cache.get("fp8"),
     "fp8_token_head": lambda: wb.cache.get("fp8", scaling="token_head"),
@@ -323,13 +315,11 @@ def model(tiny_models):
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_rollback_restores_the_exact_state_at_any_mark(model, name, monkeypatch):
-    monkeypatch.setattr(transactions, "policy", lambda n: POLICIES[n]())
-    transactions.test_rollback_restores_the_exact_state_at_any_mark(model, name)
+def test_rollback_restores_the_exact_state_at_any_mark(model, name):
+    check_rollback_restores_the_exact_state_at_any_mark(model, POLICIES[name])
 
 
 @pytest.mark.parametrize("name", ["fp8", "fp8_token_head", "offload_full", "offload_h2o", "offload_snapkv"])
-def test_a_verify_pass_committed_in_part_equals_one_by_one(model, name, monkeypatch):
+def test_a_verify_pass_committed_in_part_equals_one_by_one(model, name):
     """fp8 encodes each token from itself alone, so a verify tail's codes are the ones decoding would write."""
-    monkeypatch.setattr(transactions, "policy", lambda n: POLICIES[n]())
-    transactions.test_a_verify_pass_committed_in_part_equals_feeding_the_accepted_tokens_one_by_one(model, name)
+    check_a_verify_pass_committed_in_part_equals_one_by_one(model, POLICIES[name])

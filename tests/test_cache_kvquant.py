@@ -3,7 +3,6 @@ here; outliers, the sink and pre-RoPE keys against independent references (trans
 bytes that are the stored tensors' sizes; exact transactions; quality on the embedded model against the full cache
 and int_per_token at the same bits."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import workbench as wb
 from workbench.cache.kvquant import KVQuant, fit_layer, kmeans_1d
 from workbench.cache.kvquant_store import (KVQuantSide, KVQuantStore, LayerCalibration, nearest_level, pack_codes,
                                           unpack_codes)
+
+from transaction_checks import assert_same, check_rollback_restores_the_exact_state_at_any_mark, greedy
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 
@@ -229,15 +230,6 @@ def test_calibration_is_fitted_once_per_model_and_the_cache_runs(tiny_models):
 
 
 # -- transactions -----------------------------------------------------------------------------------------------------
-def _transactions():
-    path = Path(__file__).parent / "test_transactions.py"
-    spec = importlib.util.spec_from_file_location("_kvquant_transactions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-transactions = _transactions()
 
 
 def packed_state(cache):
@@ -254,15 +246,14 @@ def model(tiny_models):
 
 
 def test_rollback_restores_the_exact_state_at_any_mark(model):
-    transactions.policy = lambda name: wb.cache.get("kvquant")
-    transactions.test_rollback_restores_the_exact_state_at_any_mark(model, "kvquant")
+    check_rollback_restores_the_exact_state_at_any_mark(model, lambda: wb.cache.get("kvquant"))
     with wb.Session(model, wb.cache.get("kvquant")) as session:
-        transactions.greedy(session, session.feed(model.encode(PROMPT), "prefill"), 3)
+        greedy(session, session.feed(model.encode(PROMPT), "prefill"), 3)
         before, mark = packed_state(session.cache), session.mark()
         session.feed(list(range(11, 28)), "verify")
         session.feed([30], "rollout")
         session.rollback(mark)
-        transactions.assert_same(packed_state(session.cache), before)
+        assert_same(packed_state(session.cache), before)
 
 
 def test_a_committed_verify_pass_quantizes_what_one_by_one_decoding_quantizes(model):

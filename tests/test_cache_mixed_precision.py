@@ -4,7 +4,6 @@ set is the top normalized attention computed from transformers' own eager attent
 a budget covering everything reproduces the full cache, transactions restore both tiers exactly, and on the
 embedded model keeping the dropped tokens at low precision is closer to the full cache than dropping them."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -14,6 +13,9 @@ import torch
 
 import workbench as wb
 from workbench.cache.mixed_precision_store import QuantizedPool, tokens_for_bytes
+
+from transaction_checks import (assert_same, check_a_verify_pass_committed_in_part_equals_one_by_one,
+                                check_rollback_restores_the_exact_state_at_any_mark, greedy)
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 
@@ -283,15 +285,6 @@ def test_zipcache_quantizes_decoded_tokens_every_gap(tiny_llama):
 
 
 # -- transactions: the core transaction tests, run for the mixed-precision policies ----------------------------------
-def _transactions():
-    path = Path(__file__).parent / "test_transactions.py"
-    spec = importlib.util.spec_from_file_location("_mixed_precision_transactions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-transactions = _transactions()
 POLICIES = {"mikv_h2o": ("mikv", dict(budget=24, options="sinks=2,window=4")),
             "mikv_snapkv": ("mikv", dict(policy="snapkv", budget=24, options="sinks=2,window=4")),
             "mikv_tova": ("mikv", dict(policy="tova", budget=24, options="sinks=2,window=4", bits=4)),
@@ -328,23 +321,21 @@ def model(tiny_models):
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_rollback_restores_the_exact_state_at_any_mark(model, name):
-    transactions.policy = policy
-    transactions.test_rollback_restores_the_exact_state_at_any_mark(model, name)
+    check_rollback_restores_the_exact_state_at_any_mark(model, lambda: policy(name))
     with wb.Session(model, policy(name)) as session:  # and every pooled tensor is as it was
-        transactions.greedy(session, session.feed(model.encode(PROMPT), "prefill"), 3)
+        greedy(session, session.feed(model.encode(PROMPT), "prefill"), 3)
         before, mark = pool_state(session.cache), session.mark()
         session.feed([11, 12, 13, 14, 15, 16, 17], "verify")
         session.feed([30], "rollout")
         session.rollback(mark)
-        transactions.assert_same(pool_state(session.cache), before)
+        assert_same(pool_state(session.cache), before)
         assert session.cache.nbytes() > 0
 
 
 @pytest.mark.parametrize("name", ["mikv_h2o", "mikv_snapkv", "mikv_tova", "zipcache_waiting"])
 def test_a_verify_pass_committed_in_part_equals_feeding_the_accepted_tokens_one_by_one(model, name):
     """Rows of a verify pass see what one-by-one decoding sees: what an earlier row evicted, at low precision."""
-    transactions.policy = policy
-    transactions.test_a_verify_pass_committed_in_part_equals_feeding_the_accepted_tokens_one_by_one(model, name)
+    check_a_verify_pass_committed_in_part_equals_one_by_one(model, lambda: policy(name))
     ids = model.encode(PROMPT)
     with wb.Session(model, policy(name)) as reference, wb.Session(model, policy(name)) as verified:
         reference.feed(ids, "prefill")
@@ -353,7 +344,7 @@ def test_a_verify_pass_committed_in_part_equals_feeding_the_accepted_tokens_one_
             reference.feed([token], "decode")
         verified.feed([4, 5, 6, 7], "verify")
         verified.commit(3)
-        transactions.assert_same(pool_state(verified.cache), pool_state(reference.cache), exact=False)
+        assert_same(pool_state(verified.cache), pool_state(reference.cache), exact=False)
 
 
 def test_a_tree_of_drafts_is_refused_rather_than_pooling_dropped_branches(model):

@@ -2,7 +2,6 @@
 flush rules, bytes that are the packed tensors' sizes, transactions that restore exactly, and the full cache's
 tokens reproduced at 8 bits or with a residual covering the sequence."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,9 @@ import torch
 import workbench as wb
 from workbench.kernels.quantization import BITS, LAYOUTS, bits_per_element, dequantize, quantize
 from workbench.cache.quantized_store import KiviStore, PerTokenStore
+
+from transaction_checks import (assert_same, check_a_verify_pass_committed_in_part_equals_one_by_one,
+                                check_rollback_restores_the_exact_state_at_any_mark, greedy)
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3  # 135 byte tokens on the tiny models
 
@@ -266,15 +268,6 @@ def test_every_store_at_8_bits_reproduces_the_full_cache_and_memory_shrinks(embe
 
 
 # -- transactions: the core transaction tests, run for the quantized policies ------------------------------------
-def _transactions():
-    path = Path(__file__).parent / "test_transactions.py"
-    spec = importlib.util.spec_from_file_location("_quantized_transactions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-transactions = _transactions()
 FLUSHING = {"kivi": dict(group=8, residual=16), "int_per_token": dict(bits=4, group=16, residual=16)}
 COVERING = {"kivi_covering": dict(residual=128), "int_per_token_covering": dict(residual=128)}
 
@@ -300,21 +293,19 @@ def model(tiny_models):
 
 @pytest.mark.parametrize("name", list(FLUSHING) + list(COVERING))
 def test_rollback_restores_the_exact_state_at_any_mark(model, name):
-    transactions.policy = lambda n: policy(n)
-    transactions.test_rollback_restores_the_exact_state_at_any_mark(model, name)
+    check_rollback_restores_the_exact_state_at_any_mark(model, lambda: policy(name))
     with wb.Session(model, policy(name)) as session:  # and every packed tensor is as it was
-        transactions.greedy(session, session.feed(model.encode(PROMPT), "prefill"), 3)
+        greedy(session, session.feed(model.encode(PROMPT), "prefill"), 3)
         before, mark = packed_state(session.cache), session.mark()
         session.feed([11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27], "verify")  # > R
         session.feed([30], "rollout")
         session.rollback(mark)
-        transactions.assert_same(packed_state(session.cache), before)
+        assert_same(packed_state(session.cache), before)
 
 
 @pytest.mark.parametrize("name", list(COVERING))
 def test_a_verify_pass_committed_in_part_equals_one_by_one_while_nothing_is_flushed(model, name):
-    transactions.policy = lambda n: policy(n)
-    transactions.test_a_verify_pass_committed_in_part_equals_feeding_the_accepted_tokens_one_by_one(model, name)
+    check_a_verify_pass_committed_in_part_equals_one_by_one(model, lambda: policy(name))
 
 
 @pytest.mark.parametrize("name", list(FLUSHING))
@@ -361,7 +352,7 @@ def test_committing_a_tree_path_keeps_it_in_the_residual_like_feeding_it(model):
         for token in [21, 22, 25]:
             reference.feed([token], "decode")
         assert session.cache.layers[0].store.keys.quantized == 32
-        transactions.assert_same(packed_state(session.cache), packed_state(reference.cache), exact=False)
+        assert_same(packed_state(session.cache), packed_state(reference.cache), exact=False)
         torch.testing.assert_close(session.feed([7], "decode"), reference.feed([7], "decode"), rtol=1e-4, atol=1e-4)
 
 
