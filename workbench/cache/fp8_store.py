@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from workbench.cache.quant_error import MeasuresQuantError, RunningError
 from workbench.cache.storage import DenseStore
 from workbench.errors import WorkbenchError
 
@@ -42,7 +43,7 @@ def token_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (x.abs().amax(-1).float() / top).clamp_min_(1.0 / (top * 512))
 
 
-class Fp8Store(DenseStore):
+class Fp8Store(MeasuresQuantError, DenseStore):
     """Keys and values of one layer as float8 codes with their scales; `view()` decodes into the model's dtype."""
 
     def __init__(self, fp8: torch.dtype = torch.float8_e4m3fn, scaling: str = "tensor", k_scale: float = 1.0,
@@ -53,20 +54,29 @@ class Fp8Store(DenseStore):
         self.fp8, self.scaling = fp8, scaling
         self.scales = torch.tensor([k_scale, v_scale], dtype=torch.float32)  # per-tensor (unused for token_head)
         self.dtype: torch.dtype | None = None  # the model's dtype, from the first append
+        self.errors = (RunningError(), RunningError())  # keys, values: while measuring (every token appended)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         if self.dtype is None:
             self.dtype, self.scales = keys.dtype, self.scales.to(keys.device)
         if self.scaling == "tensor":
-            super().append(encode(keys, self.scales[0], self.fp8), encode(values, self.scales[1], self.fp8), start)
+            k_scale, v_scale = self.scales[0], self.scales[1]
+        else:
+            k_scale, v_scale = token_scale(keys, self.fp8)[..., None], token_scale(values, self.fp8)[..., None]
+        codes = encode(keys, k_scale, self.fp8), encode(values, v_scale, self.fp8)
+        if self.errors[0].measure:
+            for error, x, code, scale in zip(self.errors, (keys, values), codes, (k_scale, v_scale)):
+                error.add(x, decode(code, scale, self.dtype))
+        super().append(*codes, start)
+        if self.scaling == "tensor":
             return
-        k_scale, v_scale = token_scale(keys, self.fp8), token_scale(values, self.fp8)
-        super().append(encode(keys, k_scale[..., None], self.fp8), encode(values, v_scale[..., None], self.fp8),
-                       start)
         # the new tokens are each head's last n slots (a dense store appends in lockstep)
         n, end = keys.shape[1], self.slots
-        self.extra("k_scale", 1.0)[:, end - n:end] = k_scale
-        self.extra("v_scale", 1.0)[:, end - n:end] = v_scale
+        self.extra("k_scale", 1.0)[:, end - n:end] = k_scale[..., 0]
+        self.extra("v_scale", 1.0)[:, end - n:end] = v_scale[..., 0]
+
+    def meters(self) -> list[tuple[RunningError, RunningError]]:
+        return [self.errors]
 
     def merge(self, *args) -> None:
         raise WorkbenchError("an fp8 store does not merge entries (its policy keeps every token)")

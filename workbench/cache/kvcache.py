@@ -580,13 +580,16 @@ class KVCache(Cache):
             layer.store.measure_error = True
 
     def quant_error(self) -> torch.Tensor | None:
-        """Float (layers, 2): each layer's relative error ||x - x_hat|| / ||x|| of the keys and of the values it
-        quantized while measuring (NaN where none yet; one host read for all); None for stores that do not
-        quantize."""
+        """Float (layers, kv_heads, 2 sides): each layer and KV head's relative error ||x - x_hat|| / ||x|| of the
+        keys (side 0) and of the values (side 1) it quantized while measuring (NaN where none yet; one host read
+        for all); None for stores that do not quantize."""
         if not self.quantizes:
             return None
-        sums = torch.stack([layer.store.error_sums() for layer in self.layers]).cpu().double()  # (layers, side, 2)
-        return (sums[..., 0] / sums[..., 1]).sqrt().float()
+        sides = [sums for layer in self.layers for sums in layer.store.error_sums()]
+        device = next((t.device for t in sides if t is not None), None)
+        none = torch.zeros(self.num_kv_heads, 2, device=device)
+        sums = torch.stack([none if t is None else t for t in sides]).cpu().double()  # (layers * sides, heads, 2)
+        return (sums[..., 0] / sums[..., 1]).sqrt().float().reshape(len(self.layers), 2, -1).transpose(1, 2)
 
     def tokens_held(self) -> torch.Tensor:
         """Long (layers, kv_heads): tokens each layer and KV head holds: its slots, plus the tokens a store keeps

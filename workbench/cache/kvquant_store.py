@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.cache.ordered_store import OrderedStore
+from workbench.cache.quant_error import MeasuresQuantError, RunningError
 from workbench.cache.rope import rotate
 from workbench.cache.storage import slack
 from workbench.errors import ParameterError, WorkbenchError
@@ -125,6 +126,7 @@ class KVQuantSide:
         self.quantized = 0  # settled tokens (the sink included)
         self._byte_levels: torch.Tensor | None = None  # codes -> levels table per byte (3 bits: per 12 bits)
         self.shape: tuple[int, int, torch.dtype, torch.device] | None = None  # kv_heads, D, dtype, device
+        self.error = RunningError()  # what quantizing costs, while measuring (KVCache.measure_quant_error)
 
     @property
     def held(self) -> int:
@@ -167,6 +169,8 @@ class KVQuantSide:
             codes, outlier = self._quantize_keys(x)
         else:
             codes, outlier = self._quantize_values(x)
+        if self.error.measure:  # pre-RoPE keys: the rotation keeps each token's norm and error
+            self.error.add(x, self._reconstructed(x, codes, outlier))
         n, coded = x.shape[1], self.coded
         self.codes = _reserve(self.codes, coded, coded + n, lambda size: torch.zeros(
             (heads, size, dim * self.bits // 8), dtype=torch.uint8, device=device))
@@ -213,6 +217,17 @@ class KVQuantSide:
         codes = nearest_level(normalized, self.levels.float())
         back = lambda t: t.reshape(n, heads, dim).transpose(0, 1)  # noqa: E731
         return back(codes), back(outlier)
+
+    def _reconstructed(self, x: torch.Tensor, codes: torch.Tensor, outlier: torch.Tensor) -> torch.Tensor:
+        """What the tokens x (kv_heads, n, D) being settled will decode to (as `decoded`, before any rotation)."""
+        levels = self.levels.float()[codes]
+        if self.layout == "per_channel":
+            x_hat = torch.addcmul(self.zero.float()[:, None], levels, self.range.float()[:, None])
+        else:  # this settle's per-token zero and range were just stored at the coded tokens' end
+            coded, n = self.coded, x.shape[1]
+            zero, span = self.token_zero[coded:coded + n].float(), self.token_range[coded:coded + n].float()
+            x_hat = torch.addcmul(zero[None, :, None], levels, span[None, :, None])
+        return torch.where(outlier, x.to(self.shape[2]).float(), x_hat)
 
     def _unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Post-RoPE keys at positions start.. -> pre-RoPE (float32)."""
@@ -329,7 +344,7 @@ def outlier_mask(w: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
-class KVQuantStore(OrderedStore):
+class KVQuantStore(MeasuresQuantError, OrderedStore):
     """A layer's keys and values, every token kept in order (slot i holds position i), as KVQuant quantizes them."""
 
     kind = "a KVQuant store"
@@ -340,6 +355,9 @@ class KVQuantStore(OrderedStore):
                                      calibration.key_zero, calibration.key_range, inv_freq, rope_scaling),
                          KVQuantSide("per_token", bits, calibration.value_levels, outliers, first_token))
         self.bits = bits
+
+    def meters(self) -> list[tuple[RunningError, RunningError]]:
+        return [(self.keys.error, self.values.error)]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         if keys.shape[0] != self.keys.zero.shape[0] or keys.shape[2] != self.keys.zero.shape[1]:

@@ -32,6 +32,7 @@ import dataclasses
 import torch
 
 from workbench.attention.base import AttentionResult
+from workbench.cache.quant_error import MeasuresQuantError, RunningError
 from workbench.cache.storage import RaggedStore, slack
 from workbench.errors import ParameterError, WorkbenchError
 from workbench.kernels.quantization import check, dequantize, quantize
@@ -51,6 +52,7 @@ class QuantizedPool:
         self.balancer: dict[str, torch.Tensor] = {}  # side -> (kv_heads, 1, D); empty until the first tokens
         self.positions: torch.Tensor | None = None  # (kv_heads, capacity) int32, -1 beyond each head's length
         self.lengths: list[int] = []
+        self.errors = {side: RunningError() for side in SIDES}  # what quantizing into this pool costs, measuring
 
     @property
     def tokens(self) -> int:
@@ -92,6 +94,11 @@ class QuantizedPool:
             self.balancer = {side: b.clone() for side, b in balancer.items()}
         self._reserve(max(n + c for n, c in zip(self.lengths, counts)), keys)
         encoded = {side: self.encode(x, side, self.balancer) for side, x in zip(SIDES, (keys, values))}
+        if self.errors["keys"].measure:
+            counted = torch.tensor(counts, device=keys.device)[:, None]
+            rows = torch.arange(keys.shape[1], device=keys.device)[None] < counted  # each head's first counts[h]
+            for side, x in zip(SIDES, (keys, values)):
+                self.errors[side].add(x, self.decode(*encoded[side], side, self.balancer, torch.float32), rows)
         for h, count in enumerate(counts):  # few KV heads: a loop is the readable scatter
             at = self.lengths[h]
             for side, (codes, scale, zero) in encoded.items():
@@ -134,7 +141,7 @@ class QuantizedPool:
                 "positions": 0 if self.positions is None else size([self.positions])}
 
 
-class MixedPrecisionStore(RaggedStore):
+class MixedPrecisionStore(MeasuresQuantError, RaggedStore):
     """A ragged full-precision tier (what the policy manages) whose dropped entries go to quantized pools."""
 
     def __init__(self, pools: dict[str, QuantizedPool], route: str | None = None, full: str = "high"):
@@ -167,6 +174,11 @@ class MixedPrecisionStore(RaggedStore):
         self.absorb_holes()
         super().crop(position, lengths)
         self._refresh()
+
+    def meters(self) -> list[tuple[RunningError, RunningError]]:
+        """The pools' (keys, values) meters: the error of what was moved to low precision (the full-precision tier
+        has none)."""
+        return [(pool.errors["keys"], pool.errors["values"]) for pool in self.pools.values()]
 
     def merge(self, *args) -> None:
         raise WorkbenchError("a mixed-precision store does not merge entries (its policies move them to a pool)")

@@ -30,6 +30,7 @@ import torch
 
 from workbench.kernels.quantization import bits_per_element, check, dequantize, quantize
 from workbench.cache.ordered_store import OrderedStore
+from workbench.cache.quant_error import MeasuresQuantError, RunningError
 from workbench.cache.storage import slack
 from workbench.errors import ParameterError
 
@@ -54,8 +55,7 @@ class QuantizedSide:
         self.rows: torch.Tensor | None = None  # the residual buffer (kv_heads, capacity, D), the model's dtype
         self.quantized = 0  # tokens held as codes (the oldest)
         self.first, self.held = 0, 0  # the residual is rows[:, first:first + held]
-        self.error = None  # float32 (2,): squared error and squared norm of every token quantized while measuring
-        self.measure = False  # measure what quantizing costs (QuantizedStore.measure_error)
+        self.error = RunningError()  # what quantizing costs, while measuring (QuantizedStore.measure_error)
 
     @property
     def tokens(self) -> int:
@@ -101,25 +101,11 @@ class QuantizedSide:
             self.codes[:, q:q + count] = codes
             self.scale[:, g:g + scale.shape[1]] = scale
             self.zero[:, g:g + zero.shape[1]] = zero
-            if self.measure:
-                self._measure(x, codes, scale, zero)
+            if self.error.measure:
+                self.error.add(x, dequantize(codes, scale, zero, self.bits, self.group, self.layout))
             self.quantized += count
             self.first, self.held = (self.first + count, self.held - count) if self.held > count else (0, 0)
         self._fit_residual()
-
-    def _measure(self, x: torch.Tensor, codes, scale, zero) -> None:
-        """Add what quantizing x cost to the running error (kept on the device: nothing waits for it)."""
-        x = x.float()
-        x_hat = dequantize(codes, scale, zero, self.bits, self.group, self.layout)
-        error = torch.stack([(x - x_hat).square().sum(), x.square().sum()])
-        self.error = error if self.error is None else self.error + error
-
-    def error_sums(self) -> torch.Tensor:
-        """float32 (2,): the squared error and squared norm of every token quantized while measuring (zeros before
-        any); a crop of quantized tokens does not take theirs back."""
-        if self.error is None:
-            return torch.zeros(2, device=None if self.rows is None else self.rows.device)
-        return self.error
 
     def crop(self, tokens: int) -> None:
         """Keep the first `tokens` tokens. Exact while they are all quantized ones plus part of the residual;
@@ -242,26 +228,12 @@ class PackedLayer:
                 torch.cat([self.values.dequantize().to(dtype), self.residual_values], 1)[None])
 
 
-class QuantizedStore(OrderedStore):
+class QuantizedStore(MeasuresQuantError, OrderedStore):
     """A layer's keys and values, every token kept in order (slot i holds position i), quantized per side."""
 
     kind = "a quantized store"
-    quantizes = True  # has error_sums(): KVCache.quant_error reads it (a class flag: reading it moves nothing)
-
-    @property
-    def measure_error(self) -> bool:
-        """Whether the sides measure what quantizing costs (a recorder asks for it: it costs kernels)."""
-        return self.keys.measure
-
-    @measure_error.setter
-    def measure_error(self, on: bool) -> None:
-        for side in self.sides:
-            side.measure = on
-
-    def error_sums(self) -> torch.Tensor:
-        """float32 (2 sides, 2): squared error and squared norm of the keys and values quantized while
-        `measure_error` was on (KVCache.measure_quant_error turns it on)."""
-        return torch.stack([side.error_sums() for side in self.sides])
+    def meters(self) -> list[tuple[RunningError, RunningError]]:
+        return [(self.keys.error, self.values.error)]
 
     def packed(self) -> PackedLayer:
         """The layer as the packed decode kernel reads it: both sides quantized over the same first T tokens

@@ -136,9 +136,10 @@ declare("cache_part_bytes", ("step", "cache_part"), "bytes", "cache_bytes by wha
         "cache_part): `dense` buffers of a float cache; a quantized one's packed `codes`, `scales`, `zeros` and "
         "full-precision `residual`; a store's own parts", "cache", "the cache's stores (KVCache.nbytes_by_component)",
         "int64")
-declare("kv_quant_error", ("step", "layer", "side"), "fraction", "relative quantization error ||x - x_hat|| / ||x|| "
-        "of the keys (side key) and values (side value) the layer has quantized so far (NaN: none yet); only for "
-        "quantized caches", "cache", "the quantized stores, measured as they quantize", fill=float("nan"))
+declare("kv_quant_error", ("step", "layer", "kv_head", "side"), "fraction", "relative quantization error "
+        "||x - x_hat|| / ||x|| of the keys (side key) and values (side value) the layer and KV head have quantized so "
+        "far (NaN: none yet); only for quantized caches", "cache", "the quantized stores, measured as they quantize",
+        fill=float("nan"))
 declare("cache_tokens", ("step", "layer", "kv_head"), "tokens", "tokens held per layer and KV head after this step",
         "cache", "the cache's stores", "int64")
 declare("cache_evicted_at", ("layer", "kv_head", "position"), "step", "the step during which the cache evicted this "

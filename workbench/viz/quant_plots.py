@@ -1,7 +1,7 @@
 """Pictures of a quantized KV cache (record "cache"): what its bytes are made of and what quantizing cost.
 
     cache_parts(runs, labels)   one stacked bar per run: bytes by part (codes, scales, zeros, residual, ...)
-    quant_error(trace)          layer x key/value: relative error of what each layer quantized
+    quant_error(trace)          layer x (KV head, key/value): relative error of what each quantized
 """
 
 from __future__ import annotations
@@ -51,22 +51,26 @@ def cache_parts(runs: Sequence[Any], labels: Sequence[str] | None = None, *, ste
 
 
 def quant_error(trace: Any, *, step: int = -1) -> hv.HeatMap:
-    """Layer (x) against keys / values (y): the relative error ||x - x_hat|| / ||x|| of everything the layer had
-    quantized after `step` (default the last). Keys quantized per channel and values per token differ here."""
+    """Layer (x) against KV head and side (y: "key h0" ... "value hN"): the relative error ||x - x_hat|| / ||x||
+    of everything the layer and head had quantized after `step` (default the last). Keys quantized per channel and
+    values per token differ here; so do heads with outlier channels."""
     ensure_bokeh()
     trace = as_trace(trace)
     if "cache_bytes" in trace and "kv_quant_error" not in trace:
         raise WorkbenchError(f"this run's cache ({trace.attrs.get('cache', 'unknown')}) does not quantize: no "
-                             "quantization error to plot (quantized caches: kivi, int_per_token, ...)")
+                             "quantization error to plot (quantized caches: kivi, int_per_token, kvquant, fp8, mikv, "
+                             "zipcache)")
     require(trace, "kv_quant_error", purpose="the quantization error")
     require_steps(trace, "the quantization error")
-    values = trace["kv_quant_error"].isel(step=step)  # (layer, side)
-    layers, sides = trace["layer"].values, [str(s) for s in trace["side"].values]
-    data = pd.DataFrame([(int(layer), side, float(values.values[i, j])) for i, layer in enumerate(layers)
-                         for j, side in enumerate(sides)], columns=["layer", "side", "error"])
+    values = trace["kv_quant_error"].isel(step=step)
+    values = values.transpose("layer", "kv_head", "side").values  # (layer, kv_head, side)
+    layers, heads, sides = trace["layer"].values, range(values.shape[1]), [str(s) for s in trace["side"].values]
+    rows = [f"{side} h{head}" for side in sides for head in heads]
+    data = pd.DataFrame([(int(layer), f"{side} h{head}", float(values[i, head, j])) for i, layer in enumerate(layers)
+                         for j, side in enumerate(sides) for head in heads], columns=["layer", "head", "error"])
     top = float(np.nanmax(data["error"])) if data["error"].notna().any() else 1.0
-    return hv.HeatMap(data, ["layer", "side"], "error").opts(
-        backend="bokeh", title="relative quantization error by layer", cmap=style.HEATMAP_CMAP, colorbar=True,
-        clim=(0, top), tools=["hover"], hover_tooltips=[("layer", "@{layer}"), ("side", "@{side}"),
-                                                        ("error", "@{error}{0.000}")],
-        xlabel="layer", ylabel="", width=style.WIDTH, height=style.HEIGHT // 2 + 40)
+    return hv.HeatMap(data, ["layer", "head"], "error").opts(
+        backend="bokeh", title="relative quantization error by layer and KV head", cmap=style.HEATMAP_CMAP,
+        colorbar=True, clim=(0, top), tools=["hover"],
+        hover_tooltips=[("layer", "@{layer}"), ("head", "@{head}"), ("error", "@{error}{0.000}")],
+        xlabel="layer", ylabel="", width=style.WIDTH, height=max(style.HEIGHT // 2, 24 * len(rows) + 80))
