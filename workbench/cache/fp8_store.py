@@ -64,7 +64,7 @@ class Fp8Store(MeasuresQuantError, DenseStore):
         else:
             k_scale, v_scale = token_scale(keys, self.fp8)[..., None], token_scale(values, self.fp8)[..., None]
         codes = encode(keys, k_scale, self.fp8), encode(values, v_scale, self.fp8)
-        if self.errors[0].measure:
+        if self.measure_error:
             for error, x, code, scale in zip(self.errors, (keys, values), codes, (k_scale, v_scale)):
                 error.add(x, decode(code, scale, self.dtype))
         super().append(*codes, start)

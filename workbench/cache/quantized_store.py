@@ -232,6 +232,7 @@ class QuantizedStore(MeasuresQuantError, OrderedStore):
     """A layer's keys and values, every token kept in order (slot i holds position i), quantized per side."""
 
     kind = "a quantized store"
+
     def meters(self) -> list[tuple[RunningError, RunningError]]:
         return [(self.keys.error, self.values.error)]
 

@@ -65,7 +65,6 @@ def quant_error(trace: Any, *, step: int = -1) -> hv.HeatMap:
     values = trace["kv_quant_error"].isel(step=step)
     values = values.transpose("layer", "kv_head", "side").values  # (layer, kv_head, side)
     layers, heads, sides = trace["layer"].values, range(values.shape[1]), [str(s) for s in trace["side"].values]
-    rows = [f"{side} h{head}" for side in sides for head in heads]
     data = pd.DataFrame([(int(layer), f"{side} h{head}", float(values[i, head, j])) for i, layer in enumerate(layers)
                          for j, side in enumerate(sides) for head in heads], columns=["layer", "head", "error"])
     top = float(np.nanmax(data["error"])) if data["error"].notna().any() else 1.0
@@ -73,4 +72,4 @@ def quant_error(trace: Any, *, step: int = -1) -> hv.HeatMap:
         backend="bokeh", title="relative quantization error by layer and KV head", cmap=style.HEATMAP_CMAP,
         colorbar=True, clim=(0, top), tools=["hover"],
         hover_tooltips=[("layer", "@{layer}"), ("head", "@{head}"), ("error", "@{error}{0.000}")],
-        xlabel="layer", ylabel="", width=style.WIDTH, height=max(style.HEIGHT // 2, 24 * len(rows) + 80))
+        xlabel="layer", ylabel="", width=style.WIDTH, height=max(style.HEIGHT // 2, 24 * len(sides) * len(heads) + 80))
