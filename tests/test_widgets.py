@@ -1,10 +1,12 @@
 """The Workbench panel without a browser: generated controls, runs on a tiny model, Stop, errors, compare mode."""
 
 import html
+import threading
 import typing
 
 import ipywidgets as widgets
 import numpy as np
+import pandas as pd
 import pytest
 
 import workbench as wb
@@ -83,6 +85,43 @@ def test_run_fills_text_and_feeds_the_live_streams(panel):
     np.testing.assert_array_equal(cache["cache_bytes"].to_numpy(), trace["cache_bytes"].values)
     np.testing.assert_allclose(panel.live.attention.data, trace["attention_entropy"].values[-1])
     assert not panel.run_button.disabled and panel.stop_button.disabled
+
+
+def test_a_browser_message_waits_until_a_live_redraw_is_pushed(monkeypatch):
+    """panel applies a browser message between doc.hold() and doc.unhold(), which drops the document changes not
+    pushed yet: a redraw from the generation thread that such a message interrupts never reaches the browser. The
+    panel's guard makes panel's handler for its displayed plots wait until a redraw has been sent."""
+    import panel as pn
+
+    from workbench import viz
+    from workbench.widgets.live import LivePlots
+    from workbench.widgets.offline import offline_view
+
+    viz.setup()
+    monkeypatch.setattr(pn.extension, "_loaded", True)  # as after pn.extension() in a notebook
+    live = LivePlots(num_layers=2, num_heads=3)
+    view = offline_view(live.layout())
+    assert view._repr_mimebundle_() is not None  # rendered as a notebook renders it: a comm pair per display
+    [(_, client_comm)] = view._comms.values()
+    order = []
+    client_comm._on_msg = lambda message: order.append("message applied")  # where panel's handler sits
+    assert live.lock.guard(view) == 1 and live.lock.guard(view) == 1  # guarding twice wraps once
+
+    redrawing, release = threading.Event(), threading.Event()
+    frame = pd.DataFrame({"step": [0], "entropy": [1.5]})
+    redraw = threading.Thread(target=live.lock.run, args=([lambda: live.entropy.send(frame), redrawing.set,
+                                                           lambda: release.wait(10), lambda: order.append("sent")],))
+    redraw.start()
+    assert redrawing.wait(10)
+    browser = threading.Thread(target=client_comm._handle_msg, args=({"comm_id": client_comm.id, "content": {}},))
+    browser.start()
+    browser.join(0.3)
+    assert order == [], "the browser's message was applied in the middle of a redraw"
+    release.set()
+    redraw.join(10)
+    browser.join(10)
+    assert order == ["sent", "message applied"]
+    assert live.entropy.data["entropy"].tolist() == [1.5]
 
 
 def test_live_attention_row_and_cache_raster_follow_the_chosen_layer_and_head(tiny_llama):

@@ -4,8 +4,10 @@
     wb.Workbench(wb.load())         # in a notebook cell
 
 Generation runs in a background thread so the kernel stays free to receive the Stop click; the stream callback
-checks a stop flag after every token. Whatever goes wrong (a bad parameter, a prompt too long) is shown in the
-panel's error area and the buttons come back, so the panel never dies with a traceback nobody sees.
+checks a stop flag after every token. The live plots redraw from that thread under a lock that panel's handling of
+the browser's messages takes too (plot_lock.py: without it, redraws were lost now and then). Whatever goes wrong (a
+bad parameter, a prompt too long) is shown in the panel's error area and the buttons come back, so the panel never
+dies with a traceback nobody sees.
 """
 
 from __future__ import annotations
@@ -279,7 +281,9 @@ class Workbench:
         if not hv.extension._loaded:  # the plots need HoloViews' JavaScript in the page (inlined: offline)
             viz.setup()
         if not self._live_shown:
-            self.live_area.append_display_data(offline_view(self.live.layout()))
+            view = offline_view(self.live.layout())
+            self.live_area.append_display_data(view)
+            self.live.lock.guard(view)  # browser messages for the plots wait for a redraw to finish, and back
             self._live_shown = True
         display(self.widget)
 
