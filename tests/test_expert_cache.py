@@ -1,7 +1,5 @@
 """The expert-cache simulator against hand-worked traces and independent references written here."""
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 import torch

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workbench.attention import reference
 from workbench.cache.eviction import EvictionPolicy
 from workbench.cache.scoring import window_rows
 from workbench.errors import ParameterError
