@@ -109,8 +109,14 @@ def test_a_browser_message_waits_until_a_live_redraw_is_pushed(monkeypatch):
 
     redrawing, release = threading.Event(), threading.Event()
     frame = pd.DataFrame({"step": [0], "entropy": [1.5]})
-    redraw = threading.Thread(target=live.lock.run, args=([lambda: live.entropy.send(frame), redrawing.set,
-                                                           lambda: release.wait(10), lambda: order.append("sent")],))
+    def redraw_held_half_way():
+        with live.lock:
+            live.entropy.send(frame)
+            redrawing.set()
+            release.wait(10)
+            order.append("sent")
+
+    redraw = threading.Thread(target=redraw_held_half_way)
     redraw.start()
     assert redrawing.wait(10)
     browser = threading.Thread(target=client_comm._handle_msg, args=({"comm_id": client_comm.id, "content": {}},))

@@ -17,13 +17,12 @@ so drawing never runs once per token.
                                                  with record "routing"; shown for MoE models only)
 
 `select(layer, head)` chooses the layer and query head the last two show (the raster shows the head's KV head).
-Every send goes through a `PlotLock`, which panel's handling of the browser's messages shares (see plot_lock.py).
+Every send runs under a `PlotLock`, which panel's handling of the browser's messages shares (see plot_lock.py).
 """
 
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import holoviews as hv
 import numpy as np
@@ -92,31 +91,29 @@ class LivePlots:
 
     def flush(self) -> None:
         """Send the records kept since the last flush to the streams (each stream redraws its plot once)."""
-        sends = []
-        for name, buffer in self._buffers.items():
-            rows = self._pending[name]
-            if rows:
-                sends.append(partial(buffer.send, pd.DataFrame(rows, columns=["step", name])))
-                rows.clear()
-        if self._latest_attention is not None:
-            sends.append(partial(self.attention.send, np.asarray(self._latest_attention, dtype=float)))
-            self._latest_attention = None
-        if self._latest_experts is not None:
-            sends.append(partial(self.experts.send, self._latest_experts))
-            self._latest_experts = None
-        if self._latest_row is not None:
-            row = self._latest_row[:len(self.tokens)]
-            seen = np.isfinite(row)
-            positions = np.flatnonzero(seen)
-            frame = _row_frame(positions, row[seen], [self.tokens[p] for p in positions])
-            sends.append(partial(self.attention_row.send, frame))
-            self._latest_row = None
-        if self._given:
-            sends.append(partial(self.cache_raster.send, self.raster()))
-        if self._verifies:
-            sends.append(partial(self.acceptance.send, pd.DataFrame(self._verifies, columns=["verify", "tokens"])))
-            self._verifies = []
-        self.lock.run(sends)
+        with self.lock:
+            for name, buffer in self._buffers.items():
+                rows = self._pending[name]
+                if rows:
+                    buffer.send(pd.DataFrame(rows, columns=["step", name]))
+                    rows.clear()
+            if self._latest_attention is not None:
+                self.attention.send(np.asarray(self._latest_attention, dtype=float))
+                self._latest_attention = None
+            if self._latest_experts is not None:
+                self.experts.send(self._latest_experts)
+                self._latest_experts = None
+            if self._latest_row is not None:
+                row = self._latest_row[:len(self.tokens)]
+                seen = np.isfinite(row)
+                positions = np.flatnonzero(seen)
+                self.attention_row.send(_row_frame(positions, row[seen], [self.tokens[p] for p in positions]))
+                self._latest_row = None
+            if self._given:
+                self.cache_raster.send(self.raster())
+            if self._verifies:
+                self.acceptance.send(pd.DataFrame(self._verifies, columns=["verify", "tokens"]))
+                self._verifies = []
 
     def start(self, prompt_tokens: list[str]) -> None:
         """A run begins: empty every plot; the prompt's tokens label the first positions of the attention row."""
@@ -127,7 +124,8 @@ class LivePlots:
         """Show this layer and query head in the attention row and its KV head in the cache raster."""
         self.layer, self.head = layer, head
         if self._given:
-            self.lock.run([partial(self.cache_raster.send, self.raster())])
+            with self.lock:
+                self.cache_raster.send(self.raster())
 
     def raster(self) -> np.ndarray:
         """Int8 (steps, positions): the state of each position in the chosen layer and KV head after each step,
@@ -148,16 +146,18 @@ class LivePlots:
 
     def reset(self) -> None:
         """Empty every plot before a new run."""
-        for rows in self._pending.values():
-            rows.clear()
-        self._latest_attention = self._latest_row = self._latest_experts = None
-        self.tokens, self._events, self._given, self._verifies = [], [], [], []
-        self._verify_count, self._last_records = 0, None
-        self.lock.run([*(buffer.clear for buffer in (*self._buffers.values(), self.acceptance)),
-                         partial(self.experts.send, np.full((self.num_layers, 1), -1)),
-                         partial(self.attention.send, self._blank()),
-                         partial(self.attention_row.send, _row_frame([], [], [])),
-                         partial(self.cache_raster.send, np.zeros((1, 1)))])
+        with self.lock:
+            for rows in self._pending.values():
+                rows.clear()
+            self._latest_attention = self._latest_row = self._latest_experts = None
+            self.experts.send(np.full((self.num_layers, 1), -1))
+            self.tokens, self._events, self._given, self._verifies = [], [], [], []
+            self._verify_count, self._last_records = 0, None
+            for buffer in (*self._buffers.values(), self.acceptance):
+                buffer.clear()
+            self.attention.send(self._blank())
+            self.attention_row.send(_row_frame([], [], []))
+            self.cache_raster.send(np.zeros((1, 1)))
 
     def layout(self):
         """The live plots, three in a row and then the attention row and the cache raster, as a HoloViews Layout

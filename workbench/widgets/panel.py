@@ -283,7 +283,7 @@ class Workbench:
         if not self._live_shown:
             view = offline_view(self.live.layout())
             self.live_area.append_display_data(view)
-            self.live.lock.guard(view)  # browser messages for the plots wait for a redraw to finish, and back
+            self.live.lock.guard(view)  # a browser message for the plots waits until a redraw has been pushed
             self._live_shown = True
         display(self.widget)
 

@@ -12,14 +12,21 @@ browser is never applied in the middle of a redraw.
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
 
 class PlotLock:
-    """Runs the live plots' stream sends under a lock that panel also takes while it applies a browser message."""
+    """A lock for the live plots' stream sends (`with lock:`) that panel also takes while it applies a browser
+    message to the guarded plots."""
 
     def __init__(self):
         self._lock = threading.RLock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
     def guard(self, view) -> int:
         """After `view` (a panel object) was displayed: apply the browser's messages for it under this lock.
@@ -33,12 +40,6 @@ class PlotLock:
                 client_comm._on_msg = self._locked(handle)
             guarded += 1
         return guarded
-
-    def run(self, calls: list[Callable[[], object]]) -> None:
-        """Run `calls` (stream sends: each updates the document and pushes the change) one after the other."""
-        with self._lock:
-            for call in calls:
-                call()
 
     def _locked(self, handle):
         def locked(message):
